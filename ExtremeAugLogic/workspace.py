@@ -1,0 +1,679 @@
+"""The workspace folder: training cases, fixed validation split, model versions.
+
+``extremeaug.json`` (the manifest) is the single source of truth. Every change re-reads
+it from disk under an advisory lock, writes any image files first and rewrites the
+manifest atomically last, so a crash at any moment leaves the previous manifest valid.
+Files that exist without a manifest entry are leftovers of an interrupted change; they
+are ignored and overwritten when the change is retried. ``dataset.json`` (nnU-Net v2) is
+derived from the manifest and rewritten right after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ExtremeAugLogic import atomic, imageio
+from ExtremeAugLogic.errors import InputError
+
+try:  # POSIX advisory locks; Windows falls back to msvcrt below.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "extremeaug.json"
+DATASET_JSON_NAME = "dataset.json"
+STATUS_NAME = "status.json"
+TRAIN_LOCK_NAME = "train.lock"
+MANIFEST_LOCK_NAME = ".manifest.lock"
+IMAGES_DIR, LABELS_DIR, PREDICTIONS_DIR, MODELS_DIR = "imagesTr", "labelsTr", "predictions", "models"
+FILE_ENDING = ".nii.gz"
+MAX_CASE_ID_LENGTH = 64
+MIN_CASES_FOR_VALIDATION = 3
+VALIDATION_FRACTION = 0.2
+NO_VALIDATION_REASON = "no validation cases: newest model used"
+
+ImageOrPath = Union[str, os.PathLike, sitk.Image]
+
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gz")
+_NAME_TAILS = ("_0000", "_image", "_img", "_scan", "_volume", "_vol", "-image", "-scan")
+
+
+def now_iso() -> str:
+    """Current UTC time as an ISO 8601 string (seconds precision)."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def validate_case_id(case_id) -> str:
+    """Return ``case_id`` if it is a safe file-name stem, else raise InputError naming it."""
+    if not isinstance(case_id, str) or not case_id:
+        raise InputError(f"{case_id!r}: case id must be a non-empty text")
+    if len(case_id) > MAX_CASE_ID_LENGTH:
+        raise InputError(f"{case_id}: case id is longer than {MAX_CASE_ID_LENGTH} characters")
+    if "/" in case_id or "\\" in case_id or os.sep in case_id:
+        raise InputError(f"{case_id}: case id must not contain a path separator")
+    if case_id.startswith(".") or ".." in case_id:
+        raise InputError(f"{case_id}: case id must not start with '.' or contain '..'")
+    if not _CASE_ID_RE.match(case_id):
+        raise InputError(f"{case_id}: case id may only use letters, digits, '.', '_' and '-'")
+    return case_id
+
+
+def case_id_from_filename(path: str | os.PathLike) -> Optional[str]:
+    """Derive a case id from a scan's file name (``spine_03_0000.nii.gz`` -> ``spine_03``)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in _IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    for tail in _NAME_TAILS:
+        if name.lower().endswith(tail) and len(name) > len(tail):
+            name = name[: -len(tail)]
+            break
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    name = re.sub(r"\.{2,}", ".", name).strip("._-")[:MAX_CASE_ID_LENGTH].rstrip(".")
+    try:
+        return validate_case_id(name)
+    except InputError:
+        return None
+
+
+def auto_split(order: int, validation_count: int) -> str:
+    """Split for the ``order``-th case (1-based) given how many validation cases exist.
+
+    Case 3 is the first validation case, then one more whenever the validation share
+    would drop below 20 % (case 8, 13, ...). Decided once; never revisited.
+    """
+    wanted = round(VALIDATION_FRACTION * order)
+    if order >= MIN_CASES_FOR_VALIDATION and validation_count < wanted:
+        return "validation"
+    return "train"
+
+
+class Workspace:
+    """A workspace folder (see docs/architecture.md for the layout)."""
+
+    def __init__(self, path: str | os.PathLike):
+        """Open an existing workspace; prefer :meth:`open` / :meth:`create`."""
+        self.path = Path(path)
+        self._manifest: dict = {}
+        self._lock_depth = 0
+        self._lock_handle = None
+        self._reload()
+
+    # ------------------------------------------------------------ creating / opening
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, modality: str = "MRI",
+               structure_names: Optional[dict] = None) -> "Workspace":
+        """Create a workspace at ``path`` (or open it if it already is one)."""
+        folder = Path(path)
+        if cls.is_workspace(folder):
+            ws = cls(folder)
+            ws._ensure_layout()
+            return ws
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{path}: is a file, not a folder")
+        if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+            raise InputError(f"{path}: folder is not empty and is not an ExtremeAug workspace; "
+                             "choose a new or empty folder")
+        if not isinstance(modality, str) or not modality.strip():
+            raise InputError(f"{modality!r}: modality must be a non-empty name such as 'MRI' or 'CT'")
+        names = _clean_structure_names(structure_names or {}, "structure names")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_at": now_iso(),
+            "modality": modality.strip(),
+            "structures": {str(k): v for k, v in sorted(names.items())},
+            "cases": [],
+            "versions": [],
+            "best_version": None,
+        }
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / MANIFEST_LOCK_NAME).touch()
+            atomic.write_json(folder / MANIFEST_NAME, manifest)
+        except PermissionError as exc:
+            raise InputError(f"{path}: cannot create a workspace here ({exc.strerror})") from None
+        ws = cls(folder)
+        ws._ensure_layout()
+        return ws
+
+    def _ensure_layout(self) -> None:
+        """Create missing sub-folders and dataset.json (after an interrupted ``create``)."""
+        for sub in (IMAGES_DIR, LABELS_DIR, PREDICTIONS_DIR, MODELS_DIR):
+            (self.path / sub).mkdir(exist_ok=True)
+        if not self.dataset_json_path.is_file():
+            self._write_dataset_json()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Workspace":
+        """Open an existing workspace; InputError if ``path`` is not one."""
+        folder = Path(path)
+        if not cls.is_workspace(folder):
+            raise InputError(f"{path}: not an ExtremeAug workspace (no {MANIFEST_NAME}); "
+                             f"run 'python -m ExtremeAugLogic init {path}' first")
+        return cls(folder)
+
+    @staticmethod
+    def is_workspace(path: str | os.PathLike) -> bool:
+        """True if ``path`` holds a manifest."""
+        return (Path(path) / MANIFEST_NAME).is_file()
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    @property
+    def dataset_json_path(self) -> Path:
+        return self.path / DATASET_JSON_NAME
+
+    @property
+    def status_path(self) -> Path:
+        """Live training status file (written by ``status.py``)."""
+        return self.path / STATUS_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        """``train.lock``: pid of the running training process."""
+        return self.path / TRAIN_LOCK_NAME
+
+    @property
+    def manifest_lock_path(self) -> Path:
+        return self.path / MANIFEST_LOCK_NAME
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / MODELS_DIR
+
+    def image_path(self, case_id: str) -> Path:
+        return self.path / self.case(case_id)["image"]
+
+    def label_path(self, case_id: str) -> Path:
+        return self.path / self.case(case_id)["label"]
+
+    def prediction_path(self, case_id: str) -> Optional[Path]:
+        rel = self.case(case_id)["prediction"]
+        return self.path / rel if rel else None
+
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / name
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.path)!r})"
+
+    # ------------------------------------------------------------ manifest I/O
+
+    def _reload(self) -> dict:
+        """Re-read the manifest from disk (another process may have changed it)."""
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: not an ExtremeAug workspace (no {MANIFEST_NAME}); "
+                             f"run 'python -m ExtremeAugLogic init {self.path}' first") from None
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{self.manifest_path}: damaged manifest ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(manifest, dict):
+            raise InputError(f"{self.manifest_path}: damaged manifest (not a JSON object)")
+        version = manifest.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise InputError(f"{self.manifest_path}: written by a newer ExtremeAug "
+                             f"(format {version}, this one reads up to {FORMAT_VERSION})")
+        manifest.setdefault("format_version", FORMAT_VERSION)
+        manifest.setdefault("created_at", None)
+        manifest.setdefault("modality", "MRI")
+        manifest.setdefault("structures", {})
+        manifest.setdefault("cases", [])
+        manifest.setdefault("versions", [])
+        manifest.setdefault("best_version", None)
+        self._manifest = manifest
+        return manifest
+
+    def _save(self) -> None:
+        """Atomically rewrite the manifest, then the derived dataset.json."""
+        atomic.write_json(self.manifest_path, self._manifest)
+        self._write_dataset_json()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict]:
+        """Hold the manifest lock, reload, and yield the fresh manifest (re-entrant)."""
+        if self._lock_depth == 0:
+            self._lock_handle = _acquire_lock(self.manifest_lock_path)
+        self._lock_depth += 1
+        try:
+            yield self._reload()
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                _release_lock(self._lock_handle)
+                self._lock_handle = None
+
+    def manifest(self) -> dict:
+        """A fresh copy of the whole manifest."""
+        return json.loads(json.dumps(self._reload()))
+
+    # ------------------------------------------------------------ structures
+
+    @property
+    def modality(self) -> str:
+        return self._reload()["modality"]
+
+    def structure_names(self) -> dict[int, str]:
+        """Names per label value, e.g. ``{1: "L1", 2: "L2"}``."""
+        return _structures_from_manifest(self._reload())
+
+    def set_structure_names(self, names: dict) -> dict[int, str]:
+        """Rename (or add) structures; other names stay. Returns the full mapping."""
+        names = _clean_structure_names(names, "structure names")
+        with self._locked() as manifest:
+            merged = {**_structures_from_manifest(manifest), **names}
+            _check_unique_names(merged)
+            manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
+            self._save()
+        return merged
+
+    # ------------------------------------------------------------ cases
+
+    def cases(self) -> list[dict]:
+        """All cases in the order they were added (copies)."""
+        return [dict(c) for c in sorted(self._reload()["cases"], key=lambda c: c["order"])]
+
+    def case_ids(self, split: Optional[str] = None) -> list[str]:
+        return [c["id"] for c in self.cases() if split is None or c["split"] == split]
+
+    def case(self, case_id: str) -> dict:
+        """The manifest entry of ``case_id``; InputError if absent."""
+        for c in self._reload()["cases"]:
+            if c["id"] == case_id:
+                return dict(c)
+        raise InputError(f"{case_id}: no such case in workspace {self.path}")
+
+    def training_cases(self) -> list[dict]:
+        return [c for c in self.cases() if c["split"] == "train"]
+
+    def validation_cases(self) -> list[dict]:
+        return [c for c in self.cases() if c["split"] == "validation"]
+
+    def validation_note(self) -> str:
+        """One human sentence about the validation set."""
+        cases = self.cases()
+        val = [c["id"] for c in cases if c["split"] == "validation"]
+        if val:
+            return (f"validation on {len(val)} held-out case{'s' if len(val) > 1 else ''} "
+                    f"({', '.join(val)}); never trained on")
+        if len(cases) < MIN_CASES_FOR_VALIDATION:
+            return (f"no validation case yet (need {MIN_CASES_FOR_VALIDATION} cases, have {len(cases)}); "
+                    "Dice on training data is not shown as validation")
+        return ("no validation case (every case was added for training); "
+                "Dice on training data is not shown as validation")
+
+    def add_case(self, image: ImageOrPath, label: ImageOrPath, case_id: Optional[str] = None,
+                 corrected_from: Optional[ImageOrPath] = None, structure_names: Optional[dict] = None,
+                 split: str = "auto", source_image: Optional[str] = None,
+                 source_label: Optional[str] = None) -> dict:
+        """Validate and add one delineated (or corrected) case; return its manifest entry.
+
+        ``image``/``label``/``corrected_from`` are paths or SimpleITK images;
+        ``corrected_from`` is the unedited prediction the label was corrected from.
+        Everything is checked before anything is written.
+        """
+        if split not in ("auto", "train", "validation"):
+            raise InputError(f"{split}: split must be 'auto', 'train' or 'validation'")
+        names = _clean_structure_names(structure_names or {}, "structure names")
+        if case_id is not None:
+            validate_case_id(case_id)
+            self._check_new_id(case_id, self._reload())
+        img, img_name, src_img = _load_image(image, source_image)
+        lab, _, src_lab = _load_label(label, source_label, "label", img, img_name, allow_empty=False)
+        pred = None
+        if corrected_from is not None:
+            pred, _, _ = _load_label(corrected_from, None, "prediction", img, img_name, allow_empty=True)
+        lab.CopyInformation(img)  # exact grid, not merely within tolerance
+        if pred is not None:
+            pred.CopyInformation(img)
+        changed = None
+        if pred is not None:
+            changed = int(np.count_nonzero(sitk.GetArrayViewFromImage(lab)
+                                           != sitk.GetArrayViewFromImage(pred)))
+
+        with self._locked() as manifest:
+            if case_id is None:
+                case_id = self._default_case_id(src_img, manifest)
+            self._check_new_id(case_id, manifest)
+            structures = _structures_from_manifest(manifest)
+            merged = {**structures, **names}
+            for value in imageio.label_values(lab):
+                merged.setdefault(value, f"structure_{value}")
+            _check_unique_names(merged)
+
+            cases = manifest["cases"]
+            order = max((c["order"] for c in cases), default=0) + 1
+            if split == "auto":
+                n_val = sum(1 for c in cases if c["split"] == "validation")
+                split = auto_split(order, n_val)
+            entry = {
+                "id": case_id,
+                "status": "corrected" if pred is not None else "delineated",
+                "split": split,
+                "image": f"{IMAGES_DIR}/{case_id}_0000{FILE_ENDING}",
+                "label": f"{LABELS_DIR}/{case_id}{FILE_ENDING}",
+                "prediction": f"{PREDICTIONS_DIR}/{case_id}{FILE_ENDING}" if pred is not None else None,
+                "source_image": src_img,
+                "source_label": src_lab,
+                "added_at": now_iso(),
+                "changed_voxels": changed,
+                "order": order,
+            }
+            imageio.write_image(img, self.path / entry["image"])
+            imageio.write_image(lab, self.path / entry["label"])
+            if pred is not None:
+                imageio.write_image(pred, self.path / entry["prediction"])
+            cases.append(entry)
+            manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
+            self._save()
+        return dict(entry)
+
+    def _check_new_id(self, case_id: str, manifest: dict) -> None:
+        """InputError if ``case_id`` (compared case-insensitively) is already used."""
+        taken = {c["id"].lower() for c in manifest["cases"]}
+        if case_id.lower() in taken:
+            raise InputError(f"{case_id}: case id already in the workspace {self.path}; choose another id")
+
+    @staticmethod
+    def _default_case_id(source: Optional[str], manifest: dict) -> str:
+        """Id from the scan's file name, else the first free ``case_NNN``."""
+        taken = {c["id"].lower() for c in manifest["cases"]}
+        if source:
+            derived = case_id_from_filename(source)
+            if derived and derived.lower() not in taken:
+                return derived
+        n = len(manifest["cases"]) + 1
+        while f"case_{n:03d}" in taken:
+            n += 1
+        return f"case_{n:03d}"
+
+    def load_case(self, case_id: str) -> tuple[sitk.Image, sitk.Image]:
+        """The case's scan (float32) and label map, on the same grid."""
+        entry = self.case(case_id)
+        image = imageio.read_image(self.path / entry["image"])
+        label = imageio.read_label(self.path / entry["label"], reference=image,
+                                   reference_name=entry["image"], allow_empty=True)
+        return image, label
+
+    def load_prediction(self, case_id: str) -> Optional[sitk.Image]:
+        """The unedited prediction a corrected case came from, or None."""
+        path = self.prediction_path(case_id)
+        return imageio.read_label(path, allow_empty=True) if path else None
+
+    def load_cases(self, split: Optional[str] = None) -> list:
+        """``CaseData`` for every case in ``split`` ("train", "validation" or None = all)."""
+        from ExtremeAugLogic.recipe import CaseData
+
+        if split not in (None, "train", "validation"):
+            raise InputError(f"{split}: split must be 'train', 'validation' or None")
+        return [CaseData(cid, *self.load_case(cid)) for cid in self.case_ids(split)]
+
+    # ------------------------------------------------------------ dataset.json
+
+    def dataset_json(self) -> dict:
+        """The nnU-Net v2 dataset description derived from the manifest."""
+        manifest = self._manifest
+        labels = {"background": 0}
+        for value, name in sorted(_structures_from_manifest(manifest).items()):
+            labels[name] = value
+        return {
+            "name": self.path.name,
+            "description": "ExtremeAug workspace (nnU-Net v2 raw layout)",
+            "channel_names": {"0": manifest.get("modality", "MRI")},
+            "labels": labels,
+            "numTraining": len(manifest["cases"]),
+            "file_ending": FILE_ENDING,
+        }
+
+    def _write_dataset_json(self) -> None:
+        atomic.write_json(self.dataset_json_path, self.dataset_json())
+
+    # ------------------------------------------------------------ model versions
+
+    def versions(self) -> list[dict]:
+        return [dict(v) for v in self._reload()["versions"]]
+
+    def version(self, name: str) -> dict:
+        """The record of model version ``name``; InputError if absent."""
+        return dict(self._find_version(self._reload(), name))
+
+    def best_version(self) -> Optional[str]:
+        return self._reload()["best_version"]
+
+    def new_version(self, settings: dict, cases_seen: list[str], parent: Optional[str] = None) -> str:
+        """Register a new model version in training; returns its name ("v1", "v2", ...)."""
+        with self._locked() as manifest:
+            if parent is not None:
+                self._find_version(manifest, parent)
+            name = f"v{self._next_version_number(manifest)}"
+            record = {
+                "name": name,
+                "created_at": now_iso(),
+                "settings": dict(settings or {}),
+                "cases_seen": list(cases_seen),
+                "parent": parent,
+                "status": "training",
+                "val_scores": None,
+                "iterations": 0,
+            }
+            self.model_dir(name).mkdir(parents=True, exist_ok=True)
+            manifest["versions"].append(record)
+            self._save()
+            self._write_version_json(record)
+        return name
+
+    def update_version(self, name: str, **fields) -> dict:
+        """Change fields of a version's record (atomic manifest rewrite); returns the record."""
+        if "name" in fields:
+            raise ValueError("a version's name cannot change")
+        with self._locked() as manifest:
+            record = self._find_version(manifest, name)
+            record.update(fields)
+            self._save()
+            self._write_version_json(record)
+        return dict(record)
+
+    def finish_version(self, name: str, val_scores: Optional[dict], status: str = "done") -> bool:
+        """Record the final scores; make it the best model if it beats the current best.
+
+        Higher ``val_scores["mean_dice"]`` wins. Without validation on either side, the
+        newest finished model becomes best. A failed version never becomes best.
+        Returns whether ``name`` is now the best version.
+        """
+        with self._locked() as manifest:
+            record = self._find_version(manifest, name)
+            record.update(status=status, val_scores=val_scores, finished_at=now_iso())
+            best_name = manifest.get("best_version")
+            best = None
+            if best_name and best_name != name:
+                best = next((v for v in manifest["versions"] if v["name"] == best_name), None)
+            is_best, reason = _compare_to_best(record, best)
+            record["best_reason"] = reason if is_best else None
+            record["comparison"] = reason
+            if is_best:
+                manifest["best_version"] = name
+            self._save()
+            self._write_version_json(record)
+        return is_best
+
+    def set_best_version(self, name: Optional[str], reason: str = "chosen by the user") -> None:
+        """Make ``name`` the model used for prediction (or None for none)."""
+        with self._locked() as manifest:
+            if name is not None:
+                record = self._find_version(manifest, name)
+                record["best_reason"] = reason
+            manifest["best_version"] = name
+            self._save()
+
+    def _find_version(self, manifest: dict, name: str) -> dict:
+        for record in manifest["versions"]:
+            if record["name"] == name:
+                return record
+        raise InputError(f"{name}: no such model version in workspace {self.path}")
+
+    def _next_version_number(self, manifest: dict) -> int:
+        """One more than any version in the manifest or any leftover ``models/vN`` folder."""
+        numbers = [0]
+        for record in manifest["versions"]:
+            m = re.fullmatch(r"v(\d+)", record["name"])
+            if m:
+                numbers.append(int(m.group(1)))
+        if self.models_dir.is_dir():
+            for entry in self.models_dir.iterdir():
+                m = re.fullmatch(r"v(\d+)", entry.name)
+                if m:
+                    numbers.append(int(m.group(1)))
+        return max(numbers) + 1
+
+    def _write_version_json(self, record: dict) -> None:
+        """Mirror a version's record into ``models/vN/version.json``."""
+        atomic.write_json(self.model_dir(record["name"]) / "version.json", record)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
+    """Whether ``record`` should replace ``best``, and why (a short sentence)."""
+    if record["status"] == "failed":
+        return False, "training failed"
+    new = _mean_dice(record)
+    if best is None:
+        if new is None:
+            return True, NO_VALIDATION_REASON
+        return True, f"first model with validation mean Dice {new:.4f}"
+    old = _mean_dice(best)
+    if new is None and old is None:
+        return True, NO_VALIDATION_REASON
+    if new is None:
+        return False, f"no validation score; {best['name']} has validation mean Dice {old:.4f}"
+    if old is None:
+        return True, f"validation mean Dice {new:.4f}; {best['name']} had no validation score"
+    if new > old:
+        return True, f"validation mean Dice {new:.4f} > {old:.4f} of {best['name']}"
+    return False, f"validation mean Dice {new:.4f} <= {old:.4f} of {best['name']}"
+
+
+def _mean_dice(record: dict) -> Optional[float]:
+    scores = record.get("val_scores") or {}
+    value = scores.get("mean_dice")
+    if value is None:
+        return None
+    value = float(value)
+    return None if not np.isfinite(value) else value
+
+
+def _structures_from_manifest(manifest: dict) -> dict[int, str]:
+    return {int(k): v for k, v in sorted(manifest.get("structures", {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def _clean_structure_names(names: dict, what: str) -> dict[int, str]:
+    """Validate ``{value: name}`` (values 1..65535, non-empty unique names)."""
+    if not isinstance(names, dict):
+        raise InputError(f"{what}: expected a mapping of label value to name, got {type(names).__name__}")
+    clean: dict[int, str] = {}
+    for key, name in names.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise InputError(f"{key!r}: structure label value must be a whole number") from None
+        if str(value) != str(key).strip() and not isinstance(key, int):
+            raise InputError(f"{key!r}: structure label value must be a whole number")
+        if not 1 <= value <= imageio.MAX_LABEL_VALUE:
+            raise InputError(f"{key}: structure label value must be 1..{imageio.MAX_LABEL_VALUE}")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{key}: structure name must be non-empty text")
+        name = name.strip()
+        if name.lower() == "background":
+            raise InputError(f"{name}: 'background' is reserved for label value 0")
+        clean[value] = name
+    _check_unique_names(clean)
+    return clean
+
+
+def _check_unique_names(names: dict[int, str]) -> None:
+    seen: dict[str, int] = {}
+    for value, name in names.items():
+        if name in seen and seen[name] != value:
+            raise InputError(f"{name}: structure name used for label values {seen[name]} and {value}")
+        seen[name] = value
+
+
+def _load_image(image: ImageOrPath, source: Optional[str]) -> tuple[sitk.Image, str, Optional[str]]:
+    """(validated float32 image, name for messages, source string for the manifest)."""
+    if isinstance(image, sitk.Image):
+        name = source or "image"
+        return imageio.check_image(image, name=name), name, source
+    src = source or os.path.abspath(os.fspath(image))
+    return imageio.read_image(image), os.fspath(image), src
+
+
+def _load_label(label: ImageOrPath, source: Optional[str], what: str, reference: sitk.Image,
+                reference_name: str, allow_empty: bool) -> tuple[sitk.Image, str, Optional[str]]:
+    """(validated label on ``reference``'s grid, name for messages, source string)."""
+    if isinstance(label, sitk.Image):
+        name = source or what
+        checked = imageio.check_label_image(label, reference=reference, name=name,
+                                            reference_name=reference_name, allow_empty=allow_empty)
+        return checked, name, source
+    src = source or os.path.abspath(os.fspath(label))
+    checked = imageio.read_label(label, reference=reference, reference_name=reference_name,
+                                 allow_empty=allow_empty)
+    return checked, os.fspath(label), src
+
+
+def _acquire_lock(path: Path):
+    """Open and exclusively lock ``path`` (blocking); returns the handle."""
+    handle = open(path, "a+b")
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        else:  # pragma: no cover - Windows
+            import msvcrt
+            import time
+
+            while True:
+                try:
+                    handle.seek(0)
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _release_lock(handle) -> None:
+    if handle is None:
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        else:  # pragma: no cover - Windows
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+    finally:
+        handle.close()

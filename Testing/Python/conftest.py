@@ -1,0 +1,37 @@
+"""Shared pytest setup: import the engine from the repository root; tiny synthetic images."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def _make_scan_and_label(size=(16, 16, 8), spacing=(1.0, 1.0, 2.0), values=(1, 2), seed=0):
+    """A float32 scan with bright boxes and the matching label map (SimpleITK images)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size
+    label = np.zeros((nz, ny, nx), np.uint8)
+    for i, value in enumerate(values):
+        x0 = 2 + 5 * i
+        label[1:nz - 1, 3:ny - 3, x0:x0 + 4] = value
+    scan = (rng.normal(0.0, 0.1, label.shape) + label).astype(np.float32)
+    images = []
+    for array in (scan, label):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing(spacing)
+        img.SetOrigin((-10.0, 5.0, 3.0))
+        images.append(img)
+    return images[0], images[1]
+
+
+@pytest.fixture
+def make_case():
+    """``make_case(size=..., spacing=..., values=..., seed=...) -> (scan, label)`` SimpleITK images."""
+    return _make_scan_and_label
