@@ -1,0 +1,191 @@
+"""Extreme augmentation, batched on the training device at constant memory.
+
+Level N means every base patch has N distinct random transforms; a transform is a rotation
+uniform in +/-``rotation_deg``, a scale uniform in ``scale``, and x and y translations
+uniform in +/-``translation_px`` (no flips). The parameters of transform k of patch p come
+from a counter-based hash of (seed, p, k), so nothing is stored per transform and memory
+does not grow with N; level 0 draws fresh parameters for every sample.
+
+Each patch is sampled straight from its whole preprocessed slice with one ``grid_sample``
+(images bilinear, labels nearest), so a rotation or a 50 px shift brings in the real
+neighbouring anatomy instead of padding a 128 px crop with zeros. Outside the slice the
+padding mode (default: reflection) applies to image and label alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class AugmentationRanges:
+    """The paper's ranges (configurable)."""
+
+    rotation_deg: float = 20.0
+    scale_min: float = 0.8
+    scale_max: float = 1.2
+    translation_px: float = 50.0
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "AugmentationRanges":
+        scale = settings.get("scale", (0.8, 1.2))
+        return cls(float(settings.get("rotation_deg", 20.0)), float(scale[0]), float(scale[1]),
+                   float(settings.get("translation_px", 50.0)))
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors (values stay below 2**32)."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_uniform(seed: int, patch_ids: torch.Tensor, k: torch.Tensor, channel: int) -> torch.Tensor:
+    """Deterministic uniforms in [0, 1) for (seed, patch, k, channel), computed on their device."""
+    x = _hash32(patch_ids.long() * 0x9E3779B1 + seed * 0x85EBCA77 + channel * 0xC2B2AE3D)
+    x = _hash32(x ^ (k.long() * 0x27D4EB2F + 0x165667B1))
+    return x.to(torch.float64).div(2.0 ** 32).to(torch.float32)
+
+
+def transform_parameters(ranges: AugmentationRanges, count: int, device, seed: int = 0,
+                         patch_ids: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> dict:
+    """Angles (rad), scales and translations (px) for ``count`` samples.
+
+    With ``patch_ids`` and ``k`` the values are the fixed transforms of those (patch, k)
+    pairs; without them they are fresh draws from ``generator``.
+    """
+    if patch_ids is None:
+        u = torch.rand((4, count), device=device, generator=generator)
+    else:
+        u = torch.stack([hashed_uniform(seed, patch_ids, k, c) for c in range(4)])
+    angle = (2 * u[0] - 1) * math.radians(ranges.rotation_deg)
+    scale = ranges.scale_min + u[1] * (ranges.scale_max - ranges.scale_min)
+    shift = (2 * u[2:] - 1).T * ranges.translation_px  # (count, 2) as (row, col)
+    return {"angle": angle, "scale": scale, "shift": shift}
+
+
+def sampling_grid(centres_rc: torch.Tensor, params: dict, patch: int, size: int) -> torch.Tensor:
+    """``grid_sample`` grids (B, patch, patch, 2) for patches of the transformed slices.
+
+    The transformed slice is ``I'(x) = I(T^-1 x)`` with ``T`` a rotation and scale about the
+    patch centre followed by the shift; the patch shows ``I'`` around the centre, so a
+    positive shift moves the anatomy towards larger row/col in the patch.
+    """
+    device = centres_rc.device
+    offsets = torch.arange(patch, device=device, dtype=torch.float32) - (patch - 1) / 2.0
+    rows, cols = torch.meshgrid(offsets, offsets, indexing="ij")
+    rel = torch.stack([rows, cols], dim=-1).reshape(1, -1, 2) - params["shift"][:, None, :]
+    cos, sin = torch.cos(params["angle"]), torch.sin(params["angle"])
+    inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    inv = inv / params["scale"][:, None, None]
+    src = torch.einsum("bij,bnj->bni", inv, rel) + (centres_rc.float() - 0.5)[:, None, :]
+    norm = (2.0 * src + 1.0) / size - 1.0  # align_corners=False convention
+    return norm.flip(-1).reshape(-1, patch, patch, 2)  # grid_sample wants (x=col, y=row)
+
+
+def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids: torch.Tensor,
+                   grid: torch.Tensor, padding: str = "reflection"):
+    """Sample image (bilinear) and label (nearest) patches from (S, 1, H, W) slice stacks."""
+    x = F.grid_sample(images[slice_ids], grid, mode="bilinear", padding_mode=padding,
+                      align_corners=False)
+    if labels is None:
+        return x, None
+    y = F.grid_sample(labels[slice_ids].float(), grid, mode="nearest", padding_mode=padding,
+                      align_corners=False)
+    return x, y.round().long()
+
+
+class OnTheFlySampler:
+    """Random batches from base patches x N transforms, generated on the device each step."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,
+                 level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
+                 seed: int = 0, padding: str = "reflection"):
+        self.images, self.labels = images, labels
+        self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
+        self.level, self.ranges, self.patch = int(level), ranges, patch
+        self.batch_size, self.seed, self.padding = batch_size, seed, padding
+        self.generator = torch.Generator(device=images.device)
+        self.generator.manual_seed(seed)
+
+    @property
+    def distinct_samples(self) -> int | None:
+        """Base patches x level (None for level 0: every sample is new)."""
+        return len(self.centres) * self.level if self.level > 0 else None
+
+    def batch(self, step: int):
+        """Return ``(x, y)``: (B, 1, patch, patch) float images and long labels."""
+        device = self.images.device
+        pick = torch.randint(len(self.centres), (self.batch_size,), device=device, generator=self.generator)
+        if self.level > 0:
+            k = torch.randint(self.level, (self.batch_size,), device=device, generator=self.generator)
+            params = transform_parameters(self.ranges, self.batch_size, device, self.seed, pick, k)
+        else:
+            params = transform_parameters(self.ranges, self.batch_size, device, generator=self.generator)
+        centres = self.centres[pick]
+        grid = sampling_grid(centres[:, 1:], params, self.patch, self.images.shape[-1])
+        return sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
+
+
+def write_offline_dataset(images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,
+                          level: int, ranges: AugmentationRanges, folder, patch: int = 128,
+                          seed: int = 0, chunk: int = 256, padding: str = "reflection",
+                          progress=None) -> dict:
+    """Write the paper's N-fold dataset to ``folder`` as .npy files, streamed chunk by chunk.
+
+    Sample ``p * level + k`` is transform k of base patch p, the same transform the on-the-fly
+    sampler uses. Images are float16, labels uint8; at most ``chunk`` patches are in memory.
+    """
+    from pathlib import Path
+
+    from ExtremeAugLogic import atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    total = len(centres) * level
+    device = images.device
+    all_centres = torch.as_tensor(centres, dtype=torch.long, device=device)
+    with atomic.atomic_path(folder / "images.npy", ".npy") as img_tmp, \
+            atomic.atomic_path(folder / "labels.npy", ".npy") as lab_tmp:
+        out_x = np.lib.format.open_memmap(img_tmp, mode="w+", dtype=np.float16, shape=(total, patch, patch))
+        out_y = np.lib.format.open_memmap(lab_tmp, mode="w+", dtype=np.uint8, shape=(total, patch, patch))
+        for start in range(0, total, chunk):
+            ids = torch.arange(start, min(start + chunk, total), device=device)
+            pick, k = ids // level, ids % level
+            params = transform_parameters(ranges, len(ids), device, seed, pick, k)
+            grid = sampling_grid(all_centres[pick][:, 1:], params, patch, images.shape[-1])
+            x, y = sample_patches(images, labels, all_centres[pick][:, 0], grid, padding)
+            out_x[start:start + len(ids)] = x[:, 0].cpu().numpy().astype(np.float16)
+            out_y[start:start + len(ids)] = y[:, 0].cpu().numpy().astype(np.uint8)
+            if progress:
+                progress(start + len(ids), total)
+        out_x.flush(), out_y.flush()
+        del out_x, out_y
+    return {"samples": total, "folder": str(folder)}
+
+
+class OfflineSampler:
+    """Random batches read from an offline N-fold dataset (memory-mapped, never all in RAM)."""
+
+    def __init__(self, folder, batch_size: int = 16, seed: int = 0, device="cpu"):
+        from pathlib import Path
+
+        self.x = np.load(Path(folder) / "images.npy", mmap_mode="r")
+        self.y = np.load(Path(folder) / "labels.npy", mmap_mode="r")
+        self.batch_size, self.device = batch_size, device
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, step: int):
+        ids = np.sort(self.rng.integers(0, len(self.x), self.batch_size))
+        x = torch.from_numpy(self.x[ids].astype(np.float32))[:, None].to(self.device)
+        y = torch.from_numpy(self.y[ids].astype(np.int64))[:, None].to(self.device)
+        return x, y
