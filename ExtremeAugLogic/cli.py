@@ -1,0 +1,202 @@
+"""Command line: ``python -m ExtremeAugLogic {init,add,train,predict,evaluate,demo,...}``.
+
+Every bad input ends with one line on stderr naming the file and what is wrong, exit code 2,
+no traceback, and the workspace unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ExtremeAugLogic.errors import InputError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ExtremeAugLogic",
+                                     description="Train a segmentation model from one delineated scan.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a workspace folder")
+    p.add_argument("workspace")
+    p.add_argument("--modality", default="MRI")
+    p.add_argument("--names", help="structure names as JSON, e.g. '{\"1\": \"L1\"}', or a JSON file")
+
+    p = sub.add_parser("add", help="add a delineated or corrected scan to the training set")
+    p.add_argument("workspace")
+    p.add_argument("--image", required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--case-id")
+    p.add_argument("--corrected-from", help="the unedited prediction this label was corrected from")
+    p.add_argument("--split", choices=("auto", "train", "validation"), default="auto")
+    p.add_argument("--names", help="structure names as JSON or a JSON file")
+
+    p = sub.add_parser("train", help="train a new model version (runs until its budget is spent)")
+    p.add_argument("workspace")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="wall-clock budget (default 8 on CPU, 1 on GPU)")
+    budget.add_argument("--iterations", type=int, help="iteration budget")
+    p.add_argument("--level", type=int, help="augmentation level N (transforms per patch; 0 = unlimited)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--resume", action="store_true", help="continue the last stopped training")
+    p.add_argument("--init-from", help="warm start from a version (vN, best or latest)")
+    p.add_argument("--model", choices=("2d", "3d"), default="2d")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, value as JSON (e.g. --set batch_size=8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("predict", help="segment a scan with a model version")
+    p.add_argument("workspace")
+    p.add_argument("--image", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--version", help="vN, best (default) or latest")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tta", action="store_true", help="average with flipped predictions")
+    p.add_argument("--min-component-fraction", type=float, default=None,
+                   help="drop components smaller than this fraction of a structure's largest (0 = keep all)")
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 of a prediction against a reference label")
+    p.add_argument("--prediction", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("status", help="print the workspace's training status and model versions")
+    p.add_argument("workspace")
+
+    p = sub.add_parser("demo", help="run the whole annotate-train-correct loop unattended")
+    p.add_argument("--data", help="a folder of <id>_image.nii.gz/<id>_label.nii.gz (default: the phantom)")
+    p.add_argument("--workspace", default=None, help="where to work (default: a new folder under ./demo-workspace)")
+    p.add_argument("--minutes", type=float, default=None, help="budget per training round")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--model", choices=("2d", "3d"), default="2d")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def parse_names(text: str | None) -> dict | None:
+    """Structure names from inline JSON or a JSON file."""
+    if not text:
+        return None
+    source = Path(text)
+    try:
+        raw = source.read_text(encoding="utf-8") if source.is_file() else text
+        names = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--names {text}: not valid JSON ({exc})") from None
+    if not isinstance(names, dict):
+        raise InputError(f"--names {text}: must be a JSON object such as {{\"1\": \"L1\"}}")
+    return names
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {pair}: expected KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_init(args) -> int:
+    from ExtremeAugLogic.workspace import Workspace
+
+    ws = Workspace.create(args.workspace, modality=args.modality, structure_names=parse_names(args.names))
+    print(f"workspace ready: {ws.path}")
+
+
+def cmd_add(args) -> int:
+    from ExtremeAugLogic.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    case = ws.add_case(args.image, args.label, case_id=args.case_id, corrected_from=args.corrected_from,
+                       structure_names=parse_names(args.names), split=args.split)
+    extra = ""
+    if case.get("changed_voxels") is not None:
+        extra = f"; the correction changed {case['changed_voxels']} voxels"
+    print(f"added {case['id']} ({case['status']}, {case['split']}){extra}")
+    print(ws.validation_note()) if not ws.validation_cases() else None
+
+
+def cmd_train(args) -> int:
+    from ExtremeAugLogic.training import TrainRequest, train
+
+    request = TrainRequest(args.workspace, minutes=args.minutes, iterations=args.iterations, level=args.level,
+                           device=args.device, resume=args.resume, init_from=args.init_from, model=args.model,
+                           settings=parse_settings(args.set), seed=args.seed, progress_bar=not args.quiet)
+    try:
+        result = train(request)
+    except InputError:
+        raise
+    except Exception as exc:
+        print(f"error: training failed: {type(exc).__name__}: {exc} (details in status.json)", file=sys.stderr)
+        return EXIT_FAILED
+    print(result["message"])
+
+
+def cmd_predict(args) -> int:
+    from ExtremeAugLogic.inference import DEFAULT_MIN_COMPONENT_FRACTION, predict_file
+    from ExtremeAugLogic.workspace import Workspace
+
+    fraction = DEFAULT_MIN_COMPONENT_FRACTION if args.min_component_fraction is None else args.min_component_fraction
+    result = predict_file(Workspace.open(args.workspace), args.image, args.output, version=args.version,
+                          device=args.device, tta=args.tta, min_component_fraction=fraction)
+    print(f"wrote {result['output']} with model {result['version']}: "
+          f"{', '.join(result['structures_found']) or 'nothing found'}")
+
+
+def cmd_evaluate(args) -> int:
+    from ExtremeAugLogic.evaluation import evaluate_files, format_report
+
+    result = evaluate_files(args.prediction, args.reference)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
+
+
+def cmd_status(args) -> int:
+    from ExtremeAugLogic.status import format_eta, read_status
+    from ExtremeAugLogic.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    state = read_status(ws.status_path)
+    if state:
+        print(f"training: {state.get('phase')} {state.get('version') or ''} it {state.get('iteration')}/"
+              f"{state.get('total')} loss {state.get('loss')} val Dice {state.get('val_dice')} "
+              f"ETA {format_eta(state.get('eta_s'))} {state.get('error') or ''}")
+    print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation")
+    best = ws.best_version()
+    for v in ws.versions():
+        dice = (v.get("val_scores") or {}).get("mean_dice")
+        print(f"  {v['name']}: {v['status']}, val Dice {'-' if dice is None else f'{dice:.3f}'}"
+              f"{'  (best)' if v['name'] == best else ''}")
+
+
+def cmd_demo(args) -> int:
+    from ExtremeAugLogic.demo import run_demo
+
+    run_demo(data=args.data, workspace=args.workspace, minutes=args.minutes, iterations=args.iterations,
+             model=args.model, device=args.device)
+
+
+COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd_predict,
+            "evaluate": cmd_evaluate, "status": cmd_status, "demo": cmd_demo}

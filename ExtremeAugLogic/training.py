@@ -1,0 +1,429 @@
+"""The training process: ``python -m ExtremeAugLogic train WORKSPACE``.
+
+One run trains one model version on the workspace's training cases within a budget
+(minutes or iterations), writes ``status.json`` every ~2 s, checkpoints every minute, and
+validates on the fixed validation split. SIGTERM or SIGINT ends it within a few seconds
+with a checkpoint that ``--resume`` continues; ``--init-from`` warm-starts from an earlier
+version after corrections were added. The version becomes the best model only if it beats
+the best on the validation split (see ``Workspace.finish_version``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ExtremeAugLogic import atomic, status as status_mod
+from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.workspace import Workspace
+
+DEFAULT_MINUTES_CPU = 8.0
+DEFAULT_MINUTES_GPU = 1.0
+CHECKPOINT_EVERY_S = 60.0
+LOG_EVERY_S = 5.0
+VALIDATE_AT = (0.25, 0.5, 0.75)
+MAX_PERIODIC_VALIDATION_CASES = 2
+
+
+@dataclass
+class TrainRequest:
+    """What the user asked for (CLI flags or the Slicer Logic)."""
+
+    workspace: str
+    minutes: float | None = None
+    iterations: int | None = None
+    level: int | None = None
+    device: str = "auto"
+    resume: bool = False
+    init_from: str | None = None
+    model: str = "2d"
+    settings: dict = field(default_factory=dict)
+    seed: int = 0
+    progress_bar: bool = True
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when SIGTERM/SIGINT arrived."""
+
+
+class TrainingLock:
+    """``train.lock`` holds the pid of the one training process a workspace may have."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            other = int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            other = 0
+        if other and other != os.getpid() and _pid_alive(other):
+            raise InputError(f"{self.path.parent}: training is already running (pid {other}); stop it first")
+        atomic.write_text(self.path, str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if int(self.path.read_text().strip() or 0) == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def train(request: TrainRequest) -> dict:
+    """Run one training to its end (or stop); returns a summary of the version."""
+    workspace = Workspace.open(request.workspace)
+    if request.minutes is not None and request.minutes <= 0:
+        raise InputError(f"--minutes {request.minutes}: must be positive")
+    if request.iterations is not None and request.iterations <= 0:
+        raise InputError(f"--iterations {request.iterations}: must be positive")
+    with TrainingLock(workspace.lock_path):
+        return _Trainer(workspace, request).run()
+
+
+class _Trainer:
+    """One training run; see the module docstring."""
+
+    def __init__(self, workspace: Workspace, request: TrainRequest):
+        self.ws, self.req = workspace, request
+        self.stop_event = threading.Event()
+        self.history: list[list] = []  # [iteration, seconds, loss, lr, val_dice]
+        self.status = status_mod.StatusReporter(workspace.status_path, phase="starting",
+                                                message="starting training")
+        self.version = None
+
+    # ------------------------------------------------------------------ main flow
+    def run(self) -> dict:
+        self._install_signal_handlers()
+        try:
+            return self._run()
+        except StopRequested:
+            return self._finish_stopped()
+        except InputError as exc:
+            self._fail(str(exc))
+            raise
+        except Exception as exc:  # any crash: the panel must see its text
+            self._fail(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            raise
+        finally:
+            self._restore_signal_handlers()
+
+    def _run(self) -> dict:
+        import torch
+
+        from ExtremeAugLogic.devices import resolve_device
+        from ExtremeAugLogic.recipes import make_recipe
+
+        self.device = resolve_device(self.req.device)
+        torch.manual_seed(self.req.seed)
+        self.status.update(phase="preparing", message="loading cases")
+        train_cases = self.ws.load_cases("train")
+        if not train_cases:
+            raise InputError(f"{self.ws.path}: no training case yet; add one with 'add' first")
+        self.val_cases = self.ws.load_cases("validation")
+        num_classes = max(self.ws.structure_names()) + 1
+        checkpoint = None
+        if self.req.resume:
+            self.version, config, checkpoint = self._resumable()
+            self.recipe = make_recipe(config["kind"], config["settings"])
+        else:
+            settings = dict(self.req.settings)
+            if self.req.level is not None:
+                settings["level"] = int(self.req.level)
+            self.recipe = make_recipe(self.req.model, settings)
+            config = self.recipe.fit_config(train_cases, num_classes)
+            parent = self._resolve_init_from()
+            budget = self._budget()
+            self.version = self.ws.new_version(
+                {**self.recipe.settings, "model": self.req.model, "device": self.device, **budget},
+                [c.case_id for c in train_cases], parent=parent)
+            atomic.write_json(self.model_dir / "config.json", config)
+        self.config = config
+        self.status.update(version=self.version, message=f"preparing {len(train_cases)} case(s)")
+        model = self.recipe.build_model(config).to(self.device)
+        if checkpoint is None and self.ws.version(self.version).get("parent"):
+            _warm_start(model, self.ws.model_dir(self.ws.version(self.version)["parent"]) / "model.pt")
+        optimizer, scheduler = self.recipe.optimizer(model, config)
+        start_iteration, elapsed_before = 0, 0.0
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            start_iteration, elapsed_before = int(checkpoint["iteration"]), float(checkpoint["elapsed"])
+            self.history = [list(row) for row in checkpoint.get("history", [])]
+        sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self._loop(sampler, self.recipe.loss_function(config), start_iteration, elapsed_before)
+        return self._finish_done()
+
+    # ------------------------------------------------------------------ budget
+    def _budget(self) -> dict:
+        from ExtremeAugLogic.devices import is_gpu
+
+        if self.req.iterations is not None:
+            return {"budget_iterations": int(self.req.iterations), "budget_minutes": None}
+        minutes = self.req.minutes
+        if minutes is None:
+            minutes = DEFAULT_MINUTES_GPU if is_gpu(self.device) else DEFAULT_MINUTES_CPU
+        return {"budget_iterations": None, "budget_minutes": float(minutes)}
+
+    @property
+    def model_dir(self) -> Path:
+        return self.ws.model_dir(self.version)
+
+    def _resumable(self):
+        """The newest stopped (or crashed) version with a checkpoint, its config and state."""
+        import json
+
+        import torch
+
+        for record in reversed(self.ws.versions()):
+            folder = self.ws.model_dir(record["name"])
+            if record.get("status") in ("stopped", "training", "failed") and (folder / "checkpoint.pt").is_file():
+                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                state = torch.load(folder / "checkpoint.pt", map_location=self.device, weights_only=True)
+                self.ws.update_version(record["name"], status="training")
+                return record["name"], config, state
+        raise InputError(f"{self.ws.path}: nothing to resume (no stopped training with a checkpoint)")
+
+    def _resolve_init_from(self) -> str | None:
+        if not self.req.init_from:
+            return None
+        from ExtremeAugLogic.inference import resolve_version
+
+        name = resolve_version(self.ws, self.req.init_from)
+        if not (self.ws.model_dir(name) / "model.pt").is_file():
+            raise InputError(f"--init-from {name}: that version has no saved weights")
+        return name
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self, sampler, loss_fn, iteration: int, elapsed_before: float) -> None:
+        import torch
+
+        record = self.ws.version(self.version)["settings"]
+        total_iters = record.get("budget_iterations")
+        budget_s = (record.get("budget_minutes") or 0) * 60.0 or None
+        lr0 = self.optimizer.param_groups[0]["lr"] if not self.history else float(
+            self.ws.version(self.version)["settings"].get("learning_rate", self.optimizer.param_groups[0]["lr"]))
+        scaler_ctx = _amp_context(self.device)
+        start = time.monotonic() - elapsed_before
+        last_ckpt = last_log = time.monotonic()
+        validated = {f for f in VALIDATE_AT if self._fraction(iteration, elapsed_before, total_iters, budget_s) >= f}
+        bar = _ProgressBar(self.req.progress_bar)
+        losses: list[float] = []
+        self.status.update(phase="training", message="training")
+        self.model.train()
+        while True:
+            elapsed = time.monotonic() - start
+            fraction = self._fraction(iteration, elapsed, total_iters, budget_s)
+            if fraction >= 1.0:
+                break
+            if self.stop_event.is_set():
+                self._save_checkpoint(iteration, elapsed)
+                raise StopRequested()
+            if self.scheduler is None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr0 * max(1.0 - fraction, 0.02) ** 0.9
+            x, y = sampler.batch(iteration)
+            self.optimizer.zero_grad(set_to_none=True)
+            with scaler_ctx():
+                loss = loss_fn(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            iteration += 1
+            losses.append(float(loss.detach()))
+            elapsed = time.monotonic() - start
+            total_est = total_iters or max(iteration, int(iteration / max(elapsed, 1e-6) * budget_s))
+            eta = (total_est - iteration) * elapsed / iteration if iteration else None
+            self.status.update(iteration=iteration, total=total_est, loss=float(np.mean(losses[-20:])), eta_s=eta)
+            bar.show(iteration, total_est, self.status.snapshot())
+            now = time.monotonic()
+            due = [f for f in VALIDATE_AT if f not in validated and self._fraction(iteration, elapsed, total_iters, budget_s) >= f]
+            if now - last_log >= LOG_EVERY_S or due:
+                self._log(iteration, elapsed, losses, None)
+                last_log = now
+            if due and self.val_cases:
+                validated.update(due)
+                self._periodic_validation(iteration, elapsed)
+                self.model.train()
+            elif due:
+                validated.update(due)
+            if now - last_ckpt >= CHECKPOINT_EVERY_S:
+                self._save_checkpoint(iteration, time.monotonic() - start)
+                last_ckpt = now
+        bar.close()
+        self.iterations, self.seconds = iteration, time.monotonic() - start
+        self._log(iteration, self.seconds, losses, None)
+        self._save_checkpoint(iteration, self.seconds)
+
+    @staticmethod
+    def _fraction(iteration, elapsed, total_iters, budget_s) -> float:
+        if total_iters:
+            return iteration / total_iters
+        return elapsed / budget_s
+
+    def _log(self, iteration, elapsed, losses, val_dice) -> None:
+        if not losses:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.history.append([iteration, round(elapsed, 2), float(np.mean(losses[-20:])), lr,
+                             val_dice if val_dice is not None else float("nan")])
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["iteration", "seconds", "loss", "learning_rate", "val_dice"])
+        writer.writerows(self.history)
+        atomic.write_text(self.model_dir / "log.csv", buffer.getvalue())
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, cases) -> dict | None:
+        from ExtremeAugLogic.evaluation import dice_scores
+        from ExtremeAugLogic.inference import predict_array
+
+        if not cases:
+            return None
+        import SimpleITK as sitk
+
+        labels = list(range(1, self.config["num_classes"]))
+        per_case = {}
+        for case in cases:
+            prediction = predict_array(self.recipe, self.config, self.model, case.image, self.device)
+            scores = dice_scores(prediction, sitk.GetArrayFromImage(case.label), labels=labels)
+            per_case[case.case_id] = {"mean_dice": scores["mean_dice"], "binary_dice": scores["binary_dice"],
+                                      "per_structure": {str(k): v for k, v in scores["per_structure"].items()}}
+        return {"mean_dice": float(np.mean([c["mean_dice"] for c in per_case.values()])),
+                "binary_dice": float(np.mean([c["binary_dice"] for c in per_case.values()])),
+                "per_case": per_case, "cases": list(per_case)}
+
+    def _periodic_validation(self, iteration, elapsed) -> None:
+        self.status.update(phase="validating", message="validating")
+        scores = self._validate(self.val_cases[:MAX_PERIODIC_VALIDATION_CASES])
+        self.history[-1][4] = scores["mean_dice"]
+        self._log(iteration, elapsed, [self.history[-1][2]], scores["mean_dice"])
+        self.status.update(phase="training", val_dice=scores["mean_dice"], message="training")
+
+    # ------------------------------------------------------------------ endings
+    def _save_checkpoint(self, iteration: int, elapsed: float) -> None:
+        import torch
+
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "iteration": int(iteration), "elapsed": float(elapsed), "history": self.history}
+        atomic.write_with(self.model_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        self.ws.update_version(self.version, iterations=int(iteration), seconds=round(float(elapsed), 1))
+
+    def _finish_done(self) -> dict:
+        from ExtremeAugLogic.inference import save_model
+        from ExtremeAugLogic.plots import plot_training
+
+        self.status.update(phase="validating", message=self.ws.validation_note() if not self.val_cases
+                           else f"validating on {len(self.val_cases)} case(s)")
+        scores = self._validate(self.val_cases)
+        if scores is not None:
+            self._log(self.iterations, self.seconds, [self.history[-1][2]], scores["mean_dice"])
+        self.status.update(phase="saving", message="saving model")
+        save_model(self.model_dir, self.model, self.config)
+        plot_training(self.history, self.model_dir / "training.png", title=f"model {self.version}")
+        self.ws.update_version(self.version, iterations=self.iterations, seconds=round(self.seconds, 1))
+        is_best = self.ws.finish_version(self.version, scores)
+        note = self.ws.validation_note() if scores is None else f"validation Dice {scores['mean_dice']:.3f}"
+        message = f"{self.version} done; {note}; {'now the best model' if is_best else 'kept ' + str(self.ws.best_version()) + ' as best'}"
+        self.status.close(phase="done", val_dice=scores["mean_dice"] if scores else None, eta_s=0, message=message)
+        return {"version": self.version, "phase": "done", "is_best": is_best, "val_scores": scores,
+                "iterations": self.iterations, "seconds": self.seconds, "message": message}
+
+    def _finish_stopped(self) -> dict:
+        from ExtremeAugLogic.plots import plot_training
+
+        plot_training(self.history, self.model_dir / "training.png", title=f"model {self.version} (stopped)")
+        self.ws.update_version(self.version, status="stopped")
+        message = f"{self.version} stopped; continue with --resume"
+        self.status.close(phase="stopped", eta_s=None, message=message)
+        return {"version": self.version, "phase": "stopped", "message": message}
+
+    def _fail(self, text: str, trace: str | None = None) -> None:
+        if self.version is not None:
+            try:
+                self.ws.finish_version(self.version, None, status="failed")
+            except Exception:  # the original error matters more
+                pass
+        self.status.close(phase="failed", error=text, message=text, traceback=trace)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, lambda *_: self.stop_event.set())
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _warm_start(model, weights: Path) -> None:
+    """Load the tensors of ``weights`` whose names and shapes match (the head may differ)."""
+    import torch
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    own.update(matching)
+    model.load_state_dict(own)
+
+
+def _amp_context(device: str):
+    """Mixed precision on CUDA (bfloat16 where supported), full precision elsewhere."""
+    import contextlib
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return lambda: torch.autocast("cuda", dtype=dtype)
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal; a line every 15 s when output is a file."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, iteration: int, total: int, state: dict) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < (0.5 if self.tty else 15.0)):
+            return
+        self.last = now
+        done = int(30 * min(iteration / max(total, 1), 1.0))
+        val = state.get("val_dice")
+        text = (f"[{'#' * done}{'.' * (30 - done)}] it {iteration}/{total} loss {state.get('loss', 0):.3f}"
+                f"{'' if val is None else f' val Dice {val:.3f}'} ETA {status_mod.format_eta(state.get('eta_s'))}")
+        sys.stderr.write(("\r" + text) if self.tty else text + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
