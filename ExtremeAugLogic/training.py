@@ -297,12 +297,12 @@ class _Trainer:
 
     # ------------------------------------------------------------------ validation
     def _validate(self, cases) -> dict | None:
-        from ExtremeAugLogic.evaluation import dice_scores
-        from ExtremeAugLogic.inference import predict_array
-
         if not cases:
             return None
         import SimpleITK as sitk
+
+        from ExtremeAugLogic.evaluation import dice_scores
+        from ExtremeAugLogic.inference import predict_array
 
         labels = list(range(1, self.config["num_classes"]))
         per_case = {}
