@@ -1,0 +1,56 @@
+"""Short human-readable texts for the panel: training phase, time left, loss and Dice."""
+
+PHASE_TEXT = {
+    "unknown": "no training yet",
+    "starting": "starting",
+    "preparing": "preparing the training data",
+    "training": "training",
+    "validating": "validating",
+    "saving": "saving the model",
+    "done": "finished",
+    "stopped": "stopped",
+    "failed": "failed",
+}
+
+
+def formatDuration(seconds):
+    """'-' for unknown, else '45 s', '12 min 5 s' or '2 h 03 min'."""
+    if seconds is None or seconds < 0:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def formatNumber(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def describeStatus(status):
+    """One line: phase, version and progress, or the error of a failed training."""
+    phase = status.get("phase") or "unknown"
+    text = PHASE_TEXT.get(phase, phase)
+    if status.get("version") and phase != "unknown":
+        text += f" {status['version']}"
+    if phase in ("training", "validating") and status.get("total"):
+        text += f" ({status.get('iteration', 0)}/{status['total']})"
+    if phase == "failed" and status.get("error"):
+        text += f": {status['error']}"
+    elif phase in ("done", "stopped") and status.get("message"):
+        text += f": {status['message']}"
+    return text
+
+
+def progressPercent(status):
+    """0..100 from iteration/total (100 once done)."""
+    if status.get("phase") == "done":
+        return 100
+    total = status.get("total") or 0
+    if total <= 0:
+        return 0
+    return max(0, min(100, int(100 * (status.get("iteration") or 0) / total)))

@@ -1,0 +1,89 @@
+"""Read-only view of a workspace's manifest (``extremeaug.json``): structures, cases, versions.
+
+The engine rewrites the manifest atomically, so reading the JSON directly is safe. Every
+reader here returns an empty answer for a folder that is not (yet) a workspace.
+"""
+
+import json
+import re
+from pathlib import Path
+
+MANIFEST_FILE = "extremeaug.json"
+MAX_CASE_ID_LENGTH = 64
+
+
+def manifestPath(workspace):
+    return Path(workspace) / MANIFEST_FILE
+
+
+def isWorkspace(workspace):
+    return bool(workspace) and manifestPath(workspace).is_file()
+
+
+def readManifest(workspace):
+    """The manifest as a dict; {} when missing or unreadable."""
+    try:
+        data = json.loads(manifestPath(workspace).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def structureNames(workspace):
+    """``{label value: structure name}`` of the workspace."""
+    names = {}
+    for key, name in (readManifest(workspace).get("structures") or {}).items():
+        try:
+            names[int(key)] = str(name)
+        except (TypeError, ValueError):
+            continue
+    return dict(sorted(names.items()))
+
+
+def valueForName(workspace):
+    """``{structure name: label value}`` (the inverse of ``structureNames``)."""
+    return {name: value for value, name in structureNames(workspace).items()}
+
+
+def cases(workspace):
+    return [c for c in readManifest(workspace).get("cases") or [] if isinstance(c, dict)]
+
+
+def caseIds(workspace):
+    return [str(c.get("id")) for c in cases(workspace)]
+
+
+def bestVersion(workspace):
+    return readManifest(workspace).get("best_version")
+
+
+def versionRows(workspace):
+    """One row per model version, oldest first: name, status, validation Dice (or None), best."""
+    manifest = readManifest(workspace)
+    best = manifest.get("best_version")
+    rows = []
+    for record in manifest.get("versions") or []:
+        if not isinstance(record, dict):
+            continue
+        scores = record.get("val_scores") or {}
+        dice = scores.get("mean_dice") if isinstance(scores, dict) else None
+        rows.append({
+            "name": str(record.get("name", "?")),
+            "status": str(record.get("status", "?")),
+            "valDice": float(dice) if isinstance(dice, (int, float)) else None,
+            "isBest": record.get("name") == best,
+            "casesSeen": len(record.get("cases_seen") or []),
+        })
+    return rows
+
+
+def newCaseId(workspace, baseName):
+    """A safe case id from ``baseName`` (e.g. the volume's name), unique in the workspace."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(baseName or ""))
+    stem = re.sub(r"\.{2,}", ".", stem).strip("._-")[:MAX_CASE_ID_LENGTH - 4].rstrip(".") or "case"
+    taken = {cid.lower() for cid in caseIds(workspace)}
+    candidate, number = stem, 1
+    while candidate.lower() in taken:
+        number += 1
+        candidate = f"{stem}_{number}"
+    return candidate
