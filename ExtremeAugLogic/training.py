@@ -147,7 +147,7 @@ class _Trainer:
             self.version, config, checkpoint = self._resumable()
             self.recipe = make_recipe(config["kind"], config["settings"])
         else:
-            settings = dict(self.req.settings)
+            settings = {"device": self.device, **self.req.settings}
             if self.req.level is not None:
                 settings["level"] = int(self.req.level)
             self.recipe = make_recipe(self.req.model, settings)
@@ -168,6 +168,8 @@ class _Trainer:
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
+            if scheduler is not None and checkpoint.get("scheduler"):
+                scheduler.load_state_dict(checkpoint["scheduler"])
             start_iteration, elapsed_before = int(checkpoint["iteration"]), float(checkpoint["elapsed"])
             self.history = [list(row) for row in checkpoint.get("history", [])]
         sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration)
@@ -201,7 +203,10 @@ class _Trainer:
             if record.get("status") in ("stopped", "training", "failed") and (folder / "checkpoint.pt").is_file():
                 config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
                 state = torch.load(folder / "checkpoint.pt", map_location=self.device, weights_only=True)
-                self.ws.update_version(record["name"], status="training")
+                changes = {"status": "training"}
+                if self.req.iterations is not None or self.req.minutes is not None:
+                    changes["settings"] = {**record["settings"], **self._budget()}  # a new budget
+                self.ws.update_version(record["name"], **changes)
                 return record["name"], config, state
         raise InputError(f"{self.ws.path}: nothing to resume (no stopped training with a checkpoint)")
 
@@ -327,6 +332,7 @@ class _Trainer:
         import torch
 
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
                  "iteration": int(iteration), "elapsed": float(elapsed), "history": self.history}
         atomic.write_with(self.model_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
         self.ws.update_version(self.version, iterations=int(iteration), seconds=round(float(elapsed), 1))
@@ -344,12 +350,38 @@ class _Trainer:
         save_model(self.model_dir, self.model, self.config)
         plot_training(self.history, self.model_dir / "training.png", title=f"model {self.version}")
         self.ws.update_version(self.version, iterations=self.iterations, seconds=round(self.seconds, 1))
+        if scores is not None:
+            self._rescore_best(scores["cases"])
         is_best = self.ws.finish_version(self.version, scores)
         note = self.ws.validation_note() if scores is None else f"validation Dice {scores['mean_dice']:.3f}"
         message = f"{self.version} done; {note}; {'now the best model' if is_best else 'kept ' + str(self.ws.best_version()) + ' as best'}"
         self.status.close(phase="done", val_dice=scores["mean_dice"] if scores else None, eta_s=0, message=message)
         return {"version": self.version, "phase": "done", "is_best": is_best, "val_scores": scores,
                 "iterations": self.iterations, "seconds": self.seconds, "message": message}
+
+    def _rescore_best(self, cases: list[str]) -> None:
+        """Score the current best model on today's validation cases, so both compare fairly.
+
+        The validation split only grows (cases never move), but a model scored when it had
+        fewer validation cases would otherwise be compared on a different set.
+        """
+        from ExtremeAugLogic.inference import load_model
+
+        best = self.ws.best_version()
+        if best is None or best == self.version:
+            return
+        record = self.ws.version(best)
+        if (record.get("val_scores") or {}).get("cases") == cases:
+            return
+        self.status.update(message=f"scoring {best} on the same validation cases")
+        recipe, config, model, _ = load_model(self.ws, best, self.device)
+        own = (self.recipe, self.config, self.model)
+        self.recipe, self.config, self.model = recipe, config, model
+        try:
+            scores = self._validate(self.val_cases)
+        finally:
+            self.recipe, self.config, self.model = own
+        self.ws.update_version(best, val_scores=scores, rescored_at=status_mod.now_iso())
 
     def _finish_stopped(self) -> dict:
         from ExtremeAugLogic.plots import plot_training

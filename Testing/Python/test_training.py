@@ -1,0 +1,154 @@
+"""A short real training on the phantom, prediction geometry, SIGTERM stop and resume."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ExtremeAugLogic import phantom
+from ExtremeAugLogic.evaluation import dice_scores
+from ExtremeAugLogic.imageio import read_label, write_image
+from ExtremeAugLogic.inference import load_model, predict_array, predict_file
+from ExtremeAugLogic.status import read_status, wait_until
+from ExtremeAugLogic.training import TrainRequest, train
+from ExtremeAugLogic.workspace import Workspace
+
+# A small but real configuration of the 2D model so the suite stays fast on 2 CPU cores.
+SMALL = {"inplane_size": 128, "patch_size": 64, "stride": 32, "base_features": 8, "depth": 4,
+         "max_features": 64, "batch_size": 8, "learning_rate": 3e-3}
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _phantom_files(folder, seeds, shape=(64, 64, 24)):
+    paths = []
+    for seed in seeds:
+        image, label = phantom.make_phantom(seed, shape=shape, spacing=(3.0, 3.0, 3.0))
+        binary = sitk.Cast(label > 0, sitk.sitkUInt8)  # all vertebrae as one structure
+        img_path, lab_path = folder / f"p{seed}_image.nii.gz", folder / f"p{seed}_label.nii.gz"
+        write_image(image, img_path)
+        write_image(binary, lab_path)
+        paths.append((img_path, lab_path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with 2 training phantoms and 1 validation phantom, trained once."""
+    folder = tmp_path_factory.mktemp("train")
+    files = _phantom_files(folder, [11, 12, 13, 14])
+    ws = Workspace.create(folder / "ws", structure_names={1: "vertebra"})
+    for img, lab in files[:3]:
+        ws.add_case(img, lab)
+    torch.manual_seed(0)
+    result = train(TrainRequest(str(ws.path), iterations=120, settings=SMALL, progress_bar=False))
+    return ws, files, result
+
+
+def test_training_finishes_with_a_validated_best_model(trained):
+    ws, _, result = trained
+    assert result["phase"] == "done" and result["is_best"]
+    status = read_status(ws.status_path)
+    assert status["phase"] == "done" and status["iteration"] == 120 and status["val_dice"] is not None
+    record = ws.version(result["version"])
+    assert record["cases_seen"] == [c["id"] for c in ws.training_cases()]
+    assert record["val_scores"]["cases"] == [c["id"] for c in ws.validation_cases()]
+    folder = ws.model_dir(result["version"])
+    for name in ("model.pt", "config.json", "checkpoint.pt", "log.csv", "training.png", "version.json"):
+        assert (folder / name).is_file(), name
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_loss_falls_and_dice_beats_the_untrained_model(trained):
+    ws, files, result = trained
+    with open(ws.model_dir(result["version"]) / "log.csv") as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    assert losses[-1] < 0.8 * losses[0]
+    recipe, config, model, _ = load_model(ws, None, "cpu")
+    image = sitk.ReadImage(str(files[3][0]), sitk.sitkFloat32)
+    truth = read_label(files[3][1])
+    trained_dice = dice_scores(predict_array(recipe, config, model, image, "cpu"), truth)["mean_dice"]
+    torch.manual_seed(1)
+    untrained = recipe.build_model(config).eval()
+    untrained_dice = dice_scores(predict_array(recipe, config, untrained, image, "cpu"), truth)["mean_dice"]
+    assert trained_dice > untrained_dice + 0.2, (trained_dice, untrained_dice)
+    assert trained_dice > 0.5
+
+
+def test_prediction_lies_on_the_input_grid(trained, tmp_path):
+    """Non-identity direction, anisotropic spacing and an odd origin survive predict exactly."""
+    ws, _, _ = trained
+    direction = (0.0, 0.0, 1.0, 0.6, 0.8, 0.0, -0.8, 0.6, 0.0)  # rotated and permuted axes
+    image, label = phantom.make_phantom(21, shape=(60, 56, 18), spacing=(3.2, 2.7, 4.1),
+                                        direction=direction, origin=(12.5, -40.25, 7.0))
+    img_path = tmp_path / "scan.nrrd"
+    write_image(image, img_path)
+    out = tmp_path / "pred.nii.gz"
+    predict_file(ws, img_path, out)
+    prediction = sitk.ReadImage(str(out))
+    assert prediction.GetSize() == image.GetSize()
+    assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
+    assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
+    assert np.allclose(prediction.GetDirection(), image.GetDirection(), atol=1e-6)
+    assert prediction.GetPixelID() == sitk.sitkUInt8
+    # the segmentation is where the anatomy is, not mirrored or transposed
+    truth = sitk.GetArrayFromImage(label) > 0
+    assert dice_scores(sitk.GetArrayFromImage(prediction) > 0, truth)["binary_dice"] > 0.4
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "ExtremeAugLogic", *map(str, args)]
+
+
+def test_sigterm_stops_within_seconds_and_resume_continues(tmp_path):
+    files = _phantom_files(tmp_path, [31])
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_case(*files[0])
+    options = [x for key, value in SMALL.items() for x in ("--set", f"{key}={json.dumps(value)}")]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    process = subprocess.Popen(_cli("train", ws.path, "--iterations", "100000", "--quiet", *options), env=env)
+    try:
+        status = wait_until(ws.status_path, lambda s: s.get("phase") == "training" and s.get("iteration", 0) >= 3, 120)
+        assert status and status["phase"] == "training", status
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        assert time.monotonic() - sent < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    status = read_status(ws.status_path)
+    assert status["phase"] == "stopped"
+    stopped_at = torch.load(ws.model_dir("v1") / "checkpoint.pt", weights_only=True)["iteration"]
+    assert stopped_at >= 3 and ws.version("v1")["status"] == "stopped"
+
+    done = subprocess.run(_cli("train", ws.path, "--resume", "--iterations", stopped_at + 4, "--quiet"),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    status = read_status(ws.status_path)
+    assert status["phase"] == "done" and status["version"] == "v1" and status["iteration"] == stopped_at + 4
+    assert ws.best_version() == "v1"
+    assert len(ws.versions()) == 1  # resumed, not restarted
+
+
+def test_warm_start_after_a_correction(trained, tmp_path):
+    ws, files, result = trained
+    prediction = tmp_path / "pred.nii.gz"
+    predict_file(ws, files[3][0], prediction)
+    case = ws.add_case(files[3][0], files[3][1], corrected_from=prediction)
+    assert case["status"] == "corrected" and case["split"] == "train" and case["changed_voxels"] >= 0
+    again = train(TrainRequest(str(ws.path), iterations=10, init_from="best", settings=SMALL, progress_bar=False))
+    record = ws.version(again["version"])
+    assert record["parent"] == result["version"]
+    assert case["id"] in record["cases_seen"]
+    # the previous best was re-scored on the same validation cases before the comparison
+    assert ws.version(result["version"])["val_scores"]["cases"] == record["val_scores"]["cases"]
