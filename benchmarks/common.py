@@ -1,0 +1,59 @@
+"""Shared helpers for the benchmarks: data location, machine description, child-process runs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+
+def require_data(folder: str) -> Path:
+    """The shared data folder, or exit with a clear reason."""
+    path = DATA / folder
+    if not path.is_dir():
+        sys.exit(f"skipped: {path} not found (the shared spine MRI is needed for this benchmark)")
+    return path
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
+
+
+def engine(*args) -> list[str]:
+    return [sys.executable, "-m", "ExtremeAugLogic", *map(str, args)]
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run a command; wall time and the peak resident memory of that child (MiB)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    start = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    completed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {completed.stderr.strip()[-2000:]}")
+    # ru_maxrss of children is the max over all children so far: only meaningful when it grew
+    return {"wall_s": wall, "peak_rss_mib": peak / 1024 if peak > before else None,
+            "stdout": completed.stdout}
