@@ -104,16 +104,34 @@ def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids:
     return x, y.round().long()
 
 
+def jitter_intensity(x: torch.Tensor, gamma: float, contrast: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random gamma in [1/gamma, gamma] and contrast in [1/contrast, contrast] per sample.
+
+    Not in the paper: scans of the same protocol differ in contrast more than in pose, and
+    this is what a model trained on one scan meets first (measured in docs/results).
+    """
+    if gamma <= 1.0 and contrast <= 1.0:
+        return x
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    u = torch.rand((2, *shape), device=x.device, generator=generator) * 2 - 1
+    g = torch.exp(u[0] * np.log(max(gamma, 1.0)))
+    c = torch.exp(u[1] * np.log(max(contrast, 1.0)))
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return ((x.clamp(min=0) ** g) - mean) * c + mean
+
+
 class OnTheFlySampler:
     """Random batches from base patches x N transforms, generated on the device each step."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,
                  level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
-                 seed: int = 0, padding: str = "reflection"):
+                 seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0):
         self.images, self.labels = images, labels
         self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
         self.level, self.ranges, self.patch = int(level), ranges, patch
         self.batch_size, self.seed, self.padding = batch_size, seed, padding
+        self.gamma, self.contrast = gamma, contrast
         self.generator = torch.Generator(device=images.device)
         self.generator.manual_seed(seed)
 
@@ -133,7 +151,8 @@ class OnTheFlySampler:
             params = transform_parameters(self.ranges, self.batch_size, device, generator=self.generator)
         centres = self.centres[pick]
         grid = sampling_grid(centres[:, 1:], params, self.patch, self.images.shape[-1])
-        return sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
+        x, y = sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
+        return jitter_intensity(x, self.gamma, self.contrast, self.generator), y
 
 
 def write_offline_dataset(images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,

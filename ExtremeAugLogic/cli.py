@@ -76,6 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--model", choices=("2d", "3d"), default="2d")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("experiment", help="the paper's grid: one model per (training scans, augmentation level)",
+                       description="Train one model per (number of training scans s, augmentation level N) plus "
+                                   "baselines, each with the same budget; validation Dice tables, figures and a "
+                                   "report in --out. Rerun the same command to continue a stopped grid.")
+    p.add_argument("--data", required=True, help="a folder of <id>_image.nii.gz/<id>_label.nii.gz")
+    p.add_argument("--train", nargs="+", required=True, metavar="ID",
+                   help="training pool in order (ranges such as vb01..vb10 allowed); a cell uses the first s")
+    p.add_argument("--validate", nargs="+", required=True, metavar="ID", help="validation cases (ranges allowed)")
+    p.add_argument("--subjects", nargs="+", type=int, default=None, metavar="S",
+                   help="training-set sizes (default: 1 3 5 7 9, those the --train list allows)")
+    p.add_argument("--levels", nargs="*", type=int, default=[5, 10, 20, 30, 40, 50], metavar="N",
+                   help="augmentation levels (default: the paper's 5 10 20 30 40 50)")
+    p.add_argument("--out", required=True, help="results folder (results.json, report.md, figures, cells/)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes-per-cell", type=float, help="equal wall-clock budget per cell (default: the "
+                        "engine's, 8 on CPU, 1 on GPU)")
+    budget.add_argument("--iterations-per-cell", type=int, help="equal iteration budget per cell")
+    p.add_argument("--baselines", nargs="*", choices=("none", "crops"), default=["none", "crops"],
+                   help="baselines per training-set size (default both; give none of them for no baseline)")
+    p.add_argument("--compute", choices=("equal", "epochs"), default="equal",
+                   help="equal: the same budget for every cell (default); epochs: the paper's rule, budget x N/min(N)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe setting for every cell, value as JSON (e.g. --set batch_size=8)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-dice-cases", type=int, default=None, metavar="K",
+                   help="score at most K of a cell's training scans for Table I (default all; 0 = none)")
+    p.add_argument("--in-process", action="store_true",
+                   help="train in this process instead of a child process (no peak-memory figure)")
     return parser
 
 
@@ -198,5 +228,30 @@ def cmd_demo(args) -> int:
              model=args.model, device=args.device)
 
 
+def cmd_experiment(args) -> int:
+    import shlex
+
+    from ExtremeAugLogic.experiment import ExperimentSpec, run_experiment
+
+    argv = sys.argv[1:] if sys.argv[1:2] == ["experiment"] else None
+    command = "python -m ExtremeAugLogic " + (shlex.join(argv) if argv else "experiment ...")
+    spec = ExperimentSpec(data=args.data, train=args.train, validate=args.validate, out=args.out,
+                          subjects=args.subjects or [], levels=args.levels, baselines=args.baselines,
+                          minutes_per_cell=args.minutes_per_cell, iterations_per_cell=args.iterations_per_cell,
+                          compute=args.compute, settings=parse_settings(args.set), device=args.device,
+                          seed=args.seed, in_process=args.in_process, train_dice_cases=args.train_dice_cases,
+                          command=command)
+    try:
+        run_experiment(spec, log=lambda line: print(line, flush=True))
+    except InputError:
+        raise
+    except KeyboardInterrupt:
+        print(f"stopped; run the same command again to continue from {args.out}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"error: experiment failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd_predict,
-            "evaluate": cmd_evaluate, "status": cmd_status, "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "status": cmd_status, "demo": cmd_demo, "experiment": cmd_experiment}
