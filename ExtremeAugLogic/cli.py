@@ -166,7 +166,8 @@ def cmd_add(args) -> int:
     if case.get("changed_voxels") is not None:
         extra = f"; the correction changed {case['changed_voxels']} voxels"
     print(f"added {case['id']} ({case['status']}, {case['split']}){extra}")
-    print(ws.validation_note()) if not ws.validation_cases() else None
+    if not ws.validation_cases():
+        print(ws.validation_note())
 
 
 def cmd_train(args) -> int:

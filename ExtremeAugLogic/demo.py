@@ -95,7 +95,14 @@ def run_demo(data: str | None = None, workspace: str | None = None, minutes: flo
         say("making 3 phantom scans (procedural lumbar spine, labels L1..L5)")
         cases, names = phantom_cases(root / "inputs")
     ws = Workspace.create(root / "workspace", structure_names=names)
-    budget = ["--iterations", str(iterations)] if iterations else ["--minutes", str(minutes or DEMO_MINUTES_CPU)]
+    from ExtremeAugLogic.devices import is_gpu, resolve_device
+
+    if iterations:
+        budget = ["--iterations", str(iterations)]
+    elif minutes or not is_gpu(resolve_device(device)):
+        budget = ["--minutes", str(minutes or DEMO_MINUTES_CPU)]
+    else:
+        budget = []  # the engine's GPU default
     extra = ["--model", model, "--device", device]
     rounds = []
 

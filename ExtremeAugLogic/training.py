@@ -222,13 +222,11 @@ class _Trainer:
 
     # ------------------------------------------------------------------ loop
     def _loop(self, sampler, loss_fn, iteration: int, elapsed_before: float) -> None:
-        import torch
-
-        record = self.ws.version(self.version)["settings"]
-        total_iters = record.get("budget_iterations")
-        budget_s = (record.get("budget_minutes") or 0) * 60.0 or None
-        lr0 = self.optimizer.param_groups[0]["lr"] if not self.history else float(
-            self.ws.version(self.version)["settings"].get("learning_rate", self.optimizer.param_groups[0]["lr"]))
+        settings = self.ws.version(self.version)["settings"]
+        total_iters = settings.get("budget_iterations")
+        budget_s = (settings.get("budget_minutes") or 0) * 60.0 or None
+        # the starting rate of the poly schedule (a resumed optimiser holds a decayed one)
+        lr0 = float(settings.get("learning_rate", self.optimizer.param_groups[0]["lr"]))
         scaler_ctx = _amp_context(self.device)
         start = time.monotonic() - elapsed_before
         last_ckpt = last_log = time.monotonic()
@@ -289,11 +287,16 @@ class _Trainer:
         return elapsed / budget_s
 
     def _log(self, iteration, elapsed, losses, val_dice) -> None:
+        """Append a row (or fill in the Dice of the last row for the same iteration)."""
         if not losses:
             return
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.history.append([iteration, round(elapsed, 2), float(np.mean(losses[-20:])), lr,
-                             val_dice if val_dice is not None else float("nan")])
+        dice = val_dice if val_dice is not None else float("nan")
+        if self.history and self.history[-1][0] == iteration:
+            if val_dice is not None:
+                self.history[-1][4] = dice
+        else:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.history.append([iteration, round(elapsed, 2), float(np.mean(losses[-20:])), lr, dice])
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["iteration", "seconds", "loss", "learning_rate", "val_dice"])
@@ -323,7 +326,6 @@ class _Trainer:
     def _periodic_validation(self, iteration, elapsed) -> None:
         self.status.update(phase="validating", message="validating")
         scores = self._validate(self.val_cases[:MAX_PERIODIC_VALIDATION_CASES])
-        self.history[-1][4] = scores["mean_dice"]
         self._log(iteration, elapsed, [self.history[-1][2]], scores["mean_dice"])
         self.status.update(phase="training", val_dice=scores["mean_dice"], message="training")
 

@@ -49,12 +49,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="training budget (default: the engine's)")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--model", default="2d")
+    parser.add_argument("--train", nargs="+", help="training cases (default: the set's first)")
     parser.add_argument("--set-option", action="append", default=[], help="recipe setting KEY=VALUE")
     parser.add_argument("--out", help="write the markdown report here")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
 
     folder, train, validate, _ = SETS[args.set]
+    train = args.train or train
     data = require_data(folder)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.set}-"))
     ws = work / "ws"
@@ -80,7 +82,7 @@ def main() -> None:
         f"- machine: {machine()}",
         f"- command: `python benchmarks/one_scan.py --set {args.set}"
         + (f" --minutes {args.minutes}" if args.minutes else "") + (f" --iterations {args.iterations}" if args.iterations else "")
-        + (f" --model {args.model}" if args.model != "2d" else "") + "".join(f" --set-option {o}" for o in args.set_option) + "`",
+        + (f" --model {args.model}" if args.model != "2d" else "") + (f" --train {' '.join(train)}" if args.train else "") + "".join(f" --set-option {o}" for o in args.set_option) + "`",
         f"- run: {started}; training wall time {training['wall_s'] / 60:.1f} min, {version.get('iterations')} iterations,"
         f" peak resident memory {training['peak_rss_mib'] or float('nan'):.0f} MiB",
         f"- settings: level {version['settings'].get('level')}, slice axis {version['settings'].get('slice_axis')},"

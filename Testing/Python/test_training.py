@@ -152,3 +152,24 @@ def test_warm_start_after_a_correction(trained, tmp_path):
     assert case["id"] in record["cases_seen"]
     # the previous best was re-scored on the same validation cases before the comparison
     assert ws.version(result["version"])["val_scores"]["cases"] == record["val_scores"]["cases"]
+
+
+def test_3d_model_trains_and_predicts_through_the_cli(tmp_path):
+    """``train --model 3d`` and ``predict`` end to end, on a small anisotropic phantom."""
+    files = _phantom_files(tmp_path, [41, 42], shape=(48, 48, 20))
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_case(*files[0])
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run(_cli("train", ws.path, "--model", "3d", "--iterations", "6", "--quiet",
+                               "--set", "base_features=4", "--set", "cpu_max_voxels=32768"),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((ws.model_dir("v1") / "config.json").read_text())
+    assert config["kind"] == "3d"
+    out = tmp_path / "pred3d.nii.gz"
+    done = subprocess.run(_cli("predict", ws.path, "--image", files[1][0], "--output", out),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    prediction, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(files[1][0]))
+    assert prediction.GetSize() == image.GetSize()
+    assert np.allclose(prediction.GetDirection(), image.GetDirection())
