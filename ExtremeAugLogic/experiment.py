@@ -50,6 +50,7 @@ import numpy as np
 
 from ExtremeAugLogic import atomic
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.pidlock import PidLock
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_NAME = "results.json"
@@ -356,38 +357,6 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-class _ExperimentLock:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        try:
-            other = int(self.path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            other = 0
-        if other and other != os.getpid() and _pid_alive(other):
-            raise InputError(f"{self.path.parent}: an experiment is already running there (pid {other})")
-        atomic.write_text(self.path, str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            if int(self.path.read_text().strip() or 0) == os.getpid():
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ---------------------------------------------------------------- the run
 
 class Experiment:
@@ -460,7 +429,7 @@ class Experiment:
     # ------------------------------------------------------------ main loop
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        with _ExperimentLock(self.out / LOCK_NAME), _SigtermAsInterrupt():
+        with PidLock(self.out / LOCK_NAME, "an experiment is already running there"), _SigtermAsInterrupt():
             results = self._load_results()
             todo = [c for c in self.cells if c.key not in results["cells"]]
             self.log(f"experiment: {len(self.cells)} cells ({len(self.cells) - len(todo)} already done), "

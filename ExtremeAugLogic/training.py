@@ -25,6 +25,7 @@ import numpy as np
 
 from ExtremeAugLogic import atomic, status as status_mod
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.pidlock import PidLock
 from ExtremeAugLogic.workspace import Workspace
 
 DEFAULT_MINUTES_CPU = 8.0
@@ -56,40 +57,6 @@ class StopRequested(Exception):
     """Raised inside the loop when SIGTERM/SIGINT arrived."""
 
 
-class TrainingLock:
-    """``train.lock`` holds the pid of the one training process a workspace may have."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        try:
-            other = int(self.path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            other = 0
-        if other and other != os.getpid() and _pid_alive(other):
-            raise InputError(f"{self.path.parent}: training is already running (pid {other}); stop it first")
-        atomic.write_text(self.path, str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            if int(self.path.read_text().strip() or 0) == os.getpid():
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def train(request: TrainRequest) -> dict:
     """Run one training to its end (or stop); returns a summary of the version."""
     workspace = Workspace.open(request.workspace)
@@ -97,7 +64,7 @@ def train(request: TrainRequest) -> dict:
         raise InputError(f"--minutes {request.minutes}: must be positive")
     if request.iterations is not None and request.iterations <= 0:
         raise InputError(f"--iterations {request.iterations}: must be positive")
-    with TrainingLock(workspace.lock_path):
+    with PidLock(workspace.lock_path, "training is already running; stop it first"):
         return _Trainer(workspace, request).run()
 
 

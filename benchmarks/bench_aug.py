@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DATA, machine
+from common import DATA, machine, publish
 
 PAPER_SETTINGS = {"inplane_size": 256, "inplane_fit": "stretch", "patch_size": 128, "stride": 64,
                   "sampling": "grid", "rotation_deg": 20.0, "scale": [0.8, 1.2], "translation_px": 50.0,
@@ -253,10 +253,7 @@ def main() -> None:
               + ("consistent with the same distributions (every p > 0.001)" if lowest_p > 0.001
                  else "the distributions DIFFER (a p <= 0.001)")]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    publish(report, args.out)
     summary = "; ".join(f"{d.upper()} {r:.1f}x (target >= {target.get(d, 10):g}x)" for d, r in ratios.items())
     print(f"ratio {ratios['cpu']:.1f} (ours/MONAI per-sample patches per second): {summary}")
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, engine, machine, run_child
+from common import DATA, engine, machine, run_child, publish
 
 QUICK_SETTINGS = {"inplane_size": 64, "patch_size": 64, "stride": 32, "base_features": 4, "depth": 3,
                   "max_features": 32, "batch_size": 4}
@@ -99,10 +99,7 @@ def main() -> None:
         lines.append(f"| {device} | {median:.2f} | {best:.2f} | {slices / median:.0f} | {tta:.2f} | {cli:.1f} |")
     shutil.rmtree(work, ignore_errors=True)
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import engine, machine
+from common import engine, machine, publish
 from bench_aug import load_case
 
 QUICK_SETTINGS = {"inplane_size": 64, "patch_size": 64, "stride": 32, "base_features": 4, "depth": 3,
@@ -115,10 +115,7 @@ def main() -> None:
               f"target: independent); offline: {off_ratio:.3f}. The offline dataset grows linearly with the level on "
               "disk; its memory-mapped pages count as resident only as far as training has read them."]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, engine, machine
+from common import REPO, engine, machine, publish
 from bench_aug import load_case
 
 QUICK_SETTINGS = {"inplane_size": 64, "patch_size": 64, "stride": 32, "base_features": 4, "depth": 3,
@@ -122,10 +122,7 @@ def main() -> None:
              f"Target: a rewrite every ~2 s (contract), first write well before the scan is loaded; stop within a few "
              f"seconds with phase 'stopped'."]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    publish(report, args.out)
 
 
 def _fmt(value) -> str:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 
-from common import DATA, engine, machine
+from common import DATA, engine, machine, publish
 from bench_aug import load_case
 
 USABLE_DICE = 0.8
@@ -227,10 +227,7 @@ def main() -> None:
             lines.append(f"=> {device}: {verdict}")
             print("\n".join(lines[-1:]), file=sys.stderr, flush=True)
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
+    publish(report, args.out)
 
 
 def _fmt(value) -> str:

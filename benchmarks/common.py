@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,20 +23,18 @@ def require_data(folder: str) -> Path:
 
 
 def machine() -> str:
-    """One line naming the machine the figures come from."""
-    import torch
+    """One line naming the machine the figures come from (the engine's own description)."""
+    from ExtremeAugLogic.experiment import machine_description
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
+    return machine_description()
+
+
+def publish(report: str, out: str | None) -> None:
+    """Print a markdown report and write it to ``out`` when given."""
+    print(report)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(report)
 
 
 def engine(*args) -> list[str]:
