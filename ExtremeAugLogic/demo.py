@@ -62,6 +62,7 @@ def run_training(workspace: Path, budget: list[str], extra: list[str], say) -> N
     """Start training as a background process and follow its status file until it ends."""
     from ExtremeAugLogic.status import FINAL_PHASES, format_eta, read_status
 
+    # the training process prints its own closing line (version, validation, best or not)
     process = subprocess.Popen(cli("train", workspace, *budget, *extra, "--quiet"), env=engine_env())
     last = ""
     while process.poll() is None:
@@ -77,7 +78,6 @@ def run_training(workspace: Path, budget: list[str], extra: list[str], say) -> N
     state = read_status(workspace / "status.json") or {}
     if process.returncode != 0 or state.get("phase") != "done":
         raise RuntimeError(f"training ended with {state.get('phase')}: {state.get('error') or state.get('message')}")
-    say(f"  {state.get('message')}")
 
 
 def run_demo(data: str | None = None, workspace: str | None = None, minutes: float | None = None,
