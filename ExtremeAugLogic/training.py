@@ -103,6 +103,7 @@ class _Trainer:
 
         self.device = resolve_device(self.req.device)
         torch.manual_seed(self.req.seed)
+        torch.set_flush_denormal(True)  # tiny activations must not slow CPU training down
         self.status.update(phase="preparing", message="loading cases")
         train_cases = self.ws.load_cases("train")
         if not train_cases:
