@@ -14,7 +14,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 
 from ExtremeAugLogic.errors import InputError
 
@@ -83,9 +82,6 @@ def run_training(workspace: Path, budget: list[str], extra: list[str], say) -> N
 def run_demo(data: str | None = None, workspace: str | None = None, minutes: float | None = None,
              iterations: int | None = None, model: str = "2d", device: str = "auto", say=print) -> dict:
     """Run the loop; returns the per-round figures."""
-    from ExtremeAugLogic.evaluation import changed_voxels, dice_scores
-    from ExtremeAugLogic.imageio import read_label, write_image
-    from ExtremeAugLogic.inference import predict_file
     from ExtremeAugLogic.workspace import Workspace
 
     root = (Path(workspace) if workspace else Path("demo-workspace") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
@@ -111,29 +107,15 @@ def run_demo(data: str | None = None, workspace: str | None = None, minutes: flo
     ws.add_case(img1, lab1, case_id=id1, structure_names=names)
     run_training(ws.path, budget, extra, say)
 
-    say(f"round 1: predicting {id2}")
-    pred2 = root / "predictions" / f"{id2}_v1.nii.gz"
-    predict_file(ws, img2, pred2, device=device)
-    truth2 = read_label(lab2)
-    scores2 = dice_scores(read_label(pred2), truth2, labels=None)
-    changed = changed_voxels(read_label(pred2), truth2)
-    say(f"  {id2}: mean Dice {scores2['mean_dice']:.3f}, binary Dice {scores2['binary_dice']:.3f}; "
-        f"the correction changes {changed} voxels")
-    rounds.append({"round": 1, "case": id2, **_summary(scores2), "changed_voxels": changed})
+    pred2, row = _predict_round(ws, 1, id2, img2, lab2, root, device, say, "the correction changes")
+    rounds.append(row)
 
     say(f"round 2: the corrected {id2} joins the training set; retraining from the last model")
     ws.add_case(img2, lab2, case_id=id2, corrected_from=pred2)
     run_training(ws.path, budget, extra + ["--init-from", "best"], say)
 
-    say(f"round 2: predicting {id3}")
-    pred3 = root / "predictions" / f"{id3}_v2.nii.gz"
-    predict_file(ws, img3, pred3, device=device)
-    truth3 = read_label(lab3)
-    scores3 = dice_scores(read_label(pred3), truth3, labels=None)
-    changed3 = changed_voxels(read_label(pred3), truth3)
-    say(f"  {id3}: mean Dice {scores3['mean_dice']:.3f}, binary Dice {scores3['binary_dice']:.3f}; "
-        f"a correction would change {changed3} voxels")
-    rounds.append({"round": 2, "case": id3, **_summary(scores3), "changed_voxels": changed3})
+    _, row = _predict_round(ws, 2, id3, img3, lab3, root, device, say, "a correction would change")
+    rounds.append(row)
 
     say("\nround  case         mean Dice  binary Dice  voxels to correct")
     for r in rounds:
@@ -142,5 +124,20 @@ def run_demo(data: str | None = None, workspace: str | None = None, minutes: flo
     return {"workspace": str(ws.path), "rounds": rounds}
 
 
-def _summary(scores: dict) -> dict:
-    return {"mean_dice": float(scores["mean_dice"]), "binary_dice": float(scores["binary_dice"])}
+def _predict_round(ws, number: int, case_id: str, image, truth_path, root: Path, device: str, say,
+                   wording: str) -> tuple[Path, dict]:
+    """Predict the round's next scan with the best model and score it against its true label."""
+    from ExtremeAugLogic.evaluation import changed_voxels, dice_scores
+    from ExtremeAugLogic.imageio import read_label
+    from ExtremeAugLogic.inference import predict_file
+
+    say(f"round {number}: predicting {case_id}")
+    path = root / "predictions" / f"{case_id}_v{number}.nii.gz"
+    predict_file(ws, image, path, device=device)
+    prediction, truth = read_label(path, allow_empty=True), read_label(truth_path)
+    scores = dice_scores(prediction, truth)
+    changed = changed_voxels(prediction, truth)
+    say(f"  {case_id}: mean Dice {scores['mean_dice']:.3f}, binary Dice {scores['binary_dice']:.3f}; "
+        f"{wording} {changed} voxels")
+    return path, {"round": number, "case": case_id, "mean_dice": float(scores["mean_dice"]),
+                  "binary_dice": float(scores["binary_dice"]), "changed_voxels": changed}
