@@ -1,0 +1,137 @@
+"""The workspace contract: what the engine and the Slicer module must agree on.
+
+Standard library only: the Slicer side imports this module before the engine's own
+dependencies (torch, monai) are installed. Anything both sides read or write about a
+workspace folder is named here once: file and folder names, the status phases, the model
+kinds and devices, the rule for case ids and version names, and how to tell whether the
+process that owns a workspace is still alive. ``Testing/Python/test_contract.py`` fails if
+either side keeps its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+try:  # POSIX advisory locks, released by the kernel when their process dies
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+# ---------------------------------------------------------------- files and folders
+MANIFEST_NAME = "extremeaug.json"
+DATASET_JSON_NAME = "dataset.json"
+STATUS_NAME = "status.json"
+TRAIN_LOCK_NAME = "train.lock"
+MANIFEST_LOCK_NAME = ".manifest.lock"
+IMAGES_DIR = "imagesTr"
+LABELS_DIR = "labelsTr"
+PREDICTIONS_DIR = "predictions"
+MODELS_DIR = "models"
+FILE_ENDING = ".nii.gz"
+MODEL_WEIGHTS_NAME = "model.pt"
+CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.json"
+VERSION_RECORD_NAME = "version.json"
+
+# ---------------------------------------------------------------- training status
+RUNNING_PHASES = ("starting", "preparing", "training", "validating", "saving")
+FINAL_PHASES = ("done", "stopped", "failed")
+PHASES = RUNNING_PHASES + FINAL_PHASES
+
+# ---------------------------------------------------------------- model versions
+VERSION_TRAINING = "training"
+VERSION_DONE = "done"
+VERSION_STOPPED = "stopped"
+VERSION_FAILED = "failed"
+VERSION_INTERRUPTED = "interrupted"  # its trainer died without a word (kill -9, power loss)
+VERSION_STATUSES = (VERSION_TRAINING, VERSION_DONE, VERSION_STOPPED, VERSION_FAILED, VERSION_INTERRUPTED)
+RESUMABLE_STATUSES = (VERSION_STOPPED, VERSION_FAILED, VERSION_INTERRUPTED)
+
+# ---------------------------------------------------------------- choices
+MODEL_KINDS = ("2d", "3d")
+DEFAULT_MODEL_KIND = "2d"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# ---------------------------------------------------------------- names
+MAX_CASE_ID_LENGTH = 64
+_NAME_CHARACTERS = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def name_problem(name, what: str = "case id") -> Optional[str]:
+    """Why ``name`` is not a safe file-name stem (case id, version name), or None if it is.
+
+    The rule: non-empty text of at most 64 letters, digits, '.', '_' and '-', not starting
+    with '.' and without '..'; so a name can never leave its folder.
+    """
+    if not isinstance(name, str) or not name:
+        return f"{what} must be a non-empty text"
+    if len(name) > MAX_CASE_ID_LENGTH:
+        return f"{what} is longer than {MAX_CASE_ID_LENGTH} characters"
+    if "/" in name or "\\" in name or os.sep in name:
+        return f"{what} must not contain a path separator"
+    if name.startswith(".") or ".." in name:
+        return f"{what} must not start with '.' or contain '..'"
+    if not _NAME_CHARACTERS.match(name):
+        return f"{what} may only use letters, digits, '.', '_' and '-'"
+    return None
+
+
+def safe_name_stem(text, limit: int = MAX_CASE_ID_LENGTH) -> str:
+    """``text`` with every character outside the rule replaced, trimmed to ``limit`` ('' if nothing is left)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text or ""))
+    return re.sub(r"\.{2,}", ".", stem).strip("._-")[:limit].rstrip(".")
+
+
+def check_device(device) -> str:
+    """``device`` if it names auto, cpu, cuda, cuda:N or mps; else ValueError."""
+    name, _, index = str(device).partition(":")
+    if name not in DEVICES or (index and (name != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+    return str(device)
+
+
+# ---------------------------------------------------------------- liveness
+
+def pid_alive(pid) -> bool:
+    """Whether a process with ``pid`` exists (one we may not signal counts as alive)."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def lock_holder(path) -> Optional[int]:
+    """The pid holding the training lock at ``path``, or None when no live process holds it.
+
+    The lock is an ``flock`` on the file; the kernel drops it when its process dies, so a
+    pid left in the file by a killed trainer does not count.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    pid = int(text) if text.isdigit() else None
+    if fcntl is None:  # pragma: no cover - Windows: the pid alone
+        return pid if pid_alive(pid) else None
+    try:
+        handle = open(path, "rb")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return pid or -1  # held, by a process that has not written its pid yet
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
