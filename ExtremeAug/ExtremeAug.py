@@ -8,7 +8,7 @@ Name clash, on purpose: the engine package is called ``ExtremeAugLogic`` and, by
 convention, so is this module's Logic class. In this file the name ``ExtremeAugLogic`` is the
 class. The engine is never imported under that name here: it runs as
 ``python -m ExtremeAugLogic`` in a subprocess, and the self-test reaches its phantom with
-``importlib.import_module("ExtremeAugLogic.phantom")``, which resolves through ``sys.modules``
+``importlib.import_module("ExtremeAugLogic.demo.phantom")``, which resolves through ``sys.modules``
 / ``sys.path`` to the engine package (the class defined here does not shadow it there).
 """
 
@@ -56,7 +56,7 @@ DEFAULT_WORKSPACE = pathlib.Path.home() / "ExtremeAug-workspace"
 
 
 def importEngineModule(name):
-    """An engine submodule, e.g. ``importEngineModule("phantom")`` (engine folder added to sys.path)."""
+    """An engine submodule, e.g. ``importEngineModule("demo.phantom")`` (engine folder added to sys.path)."""
     root = str(findEngineRoot(MODULE_DIR))
     if root not in sys.path:
         sys.path.append(root)
@@ -528,7 +528,7 @@ class ExtremeAugTest(ScriptedLoadableModuleTest):
         if missing:
             raise unittest.SkipTest(f"ExtremeAug self-test needs {', '.join(missing)} in Slicer's Python")
         self.delayDisplay("Making three phantom scans")
-        phantom = importEngineModule("phantom")
+        phantom = importEngineModule("demo.phantom")
         names = phantom.phantom_names()
         scans, truths = [], []
         for index, seed in enumerate((11, 12, 13)):

@@ -1,7 +1,8 @@
 """Command line: ``python -m ExtremeAugLogic {init,add,train,predict,evaluate,demo,...}``.
 
 Every bad input ends with one line on stderr naming the file and what is wrong, exit code 2,
-no traceback, and the workspace unchanged.
+no traceback, and the workspace unchanged. Each command imports what it needs when it runs,
+so ``--help`` and ``status`` answer without loading torch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--resume", action="store_true", help="continue the last stopped training")
     p.add_argument("--init-from", help="warm start from a version (vN, best or latest)")
-    p.add_argument("--model", choices=("2d", "3d"), default="2d")
+    p.add_argument("--model", choices=contract.MODEL_KINDS, default=contract.DEFAULT_MODEL_KIND)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, value as JSON (e.g. --set batch_size=8)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=None, help="where to work (default: a new folder under ./demo-workspace)")
     p.add_argument("--minutes", type=float, default=None, help="budget per training round")
     p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--model", choices=("2d", "3d"), default="2d")
+    p.add_argument("--model", choices=contract.MODEL_KINDS, default=contract.DEFAULT_MODEL_KIND)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("experiment", help="the paper's grid: one model per (training scans, augmentation level)",
@@ -205,7 +207,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from ExtremeAugLogic.status import format_eta, read_status
+    from ExtremeAugLogic.workspace.status import format_eta, read_status
     from ExtremeAugLogic.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
@@ -223,7 +225,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ExtremeAugLogic.demo import run_demo
+    from ExtremeAugLogic.demo.loop import run_demo
 
     run_demo(data=args.data, workspace=args.workspace, minutes=args.minutes, iterations=args.iterations,
              model=args.model, device=args.device)
@@ -232,7 +234,7 @@ def cmd_demo(args) -> int:
 def cmd_experiment(args) -> int:
     import shlex
 
-    from ExtremeAugLogic.experiment import ExperimentSpec, run_experiment
+    from ExtremeAugLogic.experiments.grid import ExperimentSpec, run_experiment
 
     argv = sys.argv[1:] if sys.argv[1:2] == ["experiment"] else None
     command = "python -m ExtremeAugLogic " + (shlex.join(argv) if argv else "experiment ...")

@@ -135,3 +135,17 @@ def lock_holder(path) -> Optional[int]:
             return pid or -1  # held, by a process that has not written its pid yet
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     return None
+
+
+def shown_version_status(record: dict, lock_path) -> str:
+    """A version's status as both sides show it.
+
+    ``training`` becomes ``interrupted`` once its trainer is gone: no live process holds the
+    training lock and the process that recorded it (``pid``) no longer exists.
+    """
+    status = str(record.get("status", "?"))
+    if status != VERSION_TRAINING:
+        return status
+    if lock_holder(lock_path) is not None or pid_alive(record.get("pid")):
+        return status
+    return VERSION_INTERRUPTED

@@ -35,8 +35,9 @@ PAPER_SETTINGS = {"inplane_size": 256, "inplane_fit": "stretch", "patch_size": 1
 
 def load_case(quick: bool = False, case: str = "vb01"):
     """(CaseData, source text): vb01 from the shared data, else a phantom of the same size."""
-    from ExtremeAugLogic import imageio, phantom
-    from ExtremeAugLogic.recipe import CaseData
+    from ExtremeAugLogic.workspace import imageio
+    from ExtremeAugLogic.demo import phantom
+    from ExtremeAugLogic.recipes.base import CaseData
 
     folder = DATA / "spine-vb"
     image_path, label_path = folder / f"{case}_image.nii.gz", folder / f"{case}_label.nii.gz"
@@ -53,7 +54,7 @@ def training_slices(case, settings: dict):
     import SimpleITK as sitk
     import torch
 
-    from ExtremeAugLogic.recipe2d import Recipe2D
+    from ExtremeAugLogic.recipes.slice2d.recipe import Recipe2D
 
     recipe = Recipe2D(dict(settings))
     num_classes = int(sitk.GetArrayViewFromImage(case.label).max()) + 1
@@ -70,7 +71,7 @@ def _sync(device: str) -> None:
 
 
 def time_ours(images, labels, centres, settings, device: str, seconds: float, batch: int, level: int = 50) -> dict:
-    from ExtremeAugLogic import augment
+    from ExtremeAugLogic.recipes.slice2d import augment
 
     images, labels = images.to(device), labels.to(device)
     sampler = augment.OnTheFlySampler(images, labels, centres, level, augment.AugmentationRanges.from_settings(settings),
@@ -148,7 +149,7 @@ def parameter_samples(count: int, level: int = 50, base_patches: int = 1000) -> 
     """Rotation (deg), scale and translations (px) drawn ``count`` times by ours and by MONAI."""
     import torch
 
-    from ExtremeAugLogic import augment
+    from ExtremeAugLogic.recipes.slice2d import augment
 
     ranges = augment.AugmentationRanges.from_settings(PAPER_SETTINGS)
     g = torch.Generator().manual_seed(0)

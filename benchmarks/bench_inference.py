@@ -31,8 +31,8 @@ def scans(quick: bool, work: Path):
     files = [folder / n for n in ("vb01_image.nii.gz", "vb01_label.nii.gz", "vb11_image.nii.gz")]
     if not quick and all(f.is_file() for f in files):
         return (*map(str, files), "vb11 (shared spine MRI)")
-    from ExtremeAugLogic import phantom
-    from ExtremeAugLogic.imageio import write_image
+    from ExtremeAugLogic.demo import phantom
+    from ExtremeAugLogic.workspace.imageio import write_image
 
     shape = (48, 48, 16) if quick else (224, 224, 77)
     paths = []
@@ -54,7 +54,7 @@ def main() -> None:
 
     import torch
 
-    from ExtremeAugLogic.imageio import read_image
+    from ExtremeAugLogic.workspace.imageio import read_image
     from ExtremeAugLogic.inference import load_model, predict_array
     from ExtremeAugLogic.workspace import Workspace
 

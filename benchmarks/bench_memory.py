@@ -40,8 +40,8 @@ def write_offline(case, settings: dict, level: int, folder: Path) -> dict:
     import SimpleITK as sitk
     import torch
 
-    from ExtremeAugLogic import augment
-    from ExtremeAugLogic.recipe2d import Recipe2D
+    from ExtremeAugLogic.recipes.slice2d import augment
+    from ExtremeAugLogic.recipes.slice2d.recipe import Recipe2D
 
     recipe = Recipe2D(dict(settings))
     s = recipe.settings
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out", help="write a markdown snippet here")
     args = parser.parse_args()
 
-    from ExtremeAugLogic.experiment import run_measured
+    from ExtremeAugLogic.experiments.machine import run_measured
     from ExtremeAugLogic.workspace import Workspace
 
     iterations = args.iterations or (3 if args.quick else 100)

@@ -47,8 +47,8 @@ def throughput(case, device: str, seconds: float, settings: dict) -> dict:
     import SimpleITK as sitk
     import torch
 
-    from ExtremeAugLogic.recipe2d import Recipe2D
-    from ExtremeAugLogic.training import _amp_context
+    from ExtremeAugLogic.recipes.slice2d.recipe import Recipe2D
+    from ExtremeAugLogic.devices import autocast
 
     recipe = Recipe2D(dict(settings))
     num_classes = int(sitk.GetArrayViewFromImage(case.label).max()) + 1
@@ -58,13 +58,12 @@ def throughput(case, device: str, seconds: float, settings: dict) -> dict:
     optimizer, _ = recipe.optimizer(model, config)
     loss_fn = recipe.loss_function(config)
     sampler = recipe.make_sampler(config, [case], device, 0)
-    amp = _amp_context(device)
     model.train()
 
     def step(i):
         x, y = sampler.batch(i)
         optimizer.zero_grad(set_to_none=True)
-        with amp():
+        with autocast(device):
             loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
@@ -111,8 +110,8 @@ def data_sets(quick: bool, work: Path):
     if not quick and all((folder / f"{c}_image.nii.gz").is_file() for c in ["vb01"] + val_ids):
         files = lambda c: (c, str(folder / f"{c}_image.nii.gz"), str(folder / f"{c}_label.nii.gz"))  # noqa: E731
         return [files("vb01")], [files(c) for c in val_ids], "vb01 -> vb11..vb15 (shared spine MRI)"
-    from ExtremeAugLogic import phantom
-    from ExtremeAugLogic.imageio import write_image
+    from ExtremeAugLogic.demo import phantom
+    from ExtremeAugLogic.workspace.imageio import write_image
 
     shape = (48, 48, 16) if quick else (224, 224, 77)
     out = []
@@ -127,7 +126,7 @@ def data_sets(quick: bool, work: Path):
 
 def usable_run(work: Path, name: str, train, validate, device: str, budget: list, settings: dict) -> dict:
     """Train in a fresh workspace with validation cases; the Dice timeline and the final scores."""
-    from ExtremeAugLogic.experiment import run_measured
+    from ExtremeAugLogic.experiments.machine import run_measured
     from ExtremeAugLogic.workspace import Workspace
 
     ws = make_workspace(work / name, train, validate)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))
 
 
 def require_data(folder: str) -> Path:
@@ -24,7 +23,7 @@ def require_data(folder: str) -> Path:
 
 def machine() -> str:
     """One line naming the machine the figures come from (the engine's own description)."""
-    from ExtremeAugLogic.experiment import machine_description
+    from ExtremeAugLogic.experiments.machine import machine_description
 
     return machine_description()
 
@@ -43,7 +42,7 @@ def engine(*args) -> list[str]:
 
 def run_child(cmd: list[str]) -> dict:
     """Run a command; wall time and the peak resident memory of that child (MiB)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ)
     start = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     completed = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -28,7 +28,7 @@ IVD_NAMES = {1: "L5-S1", 2: "L4-L5", 3: "L3-L4", 4: "L2-L3", 5: "L1-L2"}
 
 def evaluate_cases(workspace: Path, data: Path, cases: list[str], out: Path) -> dict:
     from ExtremeAugLogic.evaluation import dice_scores, hausdorff95
-    from ExtremeAugLogic.imageio import read_label
+    from ExtremeAugLogic.workspace.imageio import read_label
 
     rows = {}
     for case in cases:

@@ -13,3 +13,23 @@ Everything here runs both inside the Slicer application and in plain Python with
 - ``status_text``: short texts for the panel (phase, time left, numbers).
 - ``training_chart``: the small live loss/Dice chart as a PNG.
 """
+
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _putEngineOnPath():
+    """Make ``ExtremeAugLogic`` importable: beside the module when installed, one folder up in the source tree.
+
+    Only its standard-library modules (``contract``, ``launcher``) are imported into Slicer's
+    process; everything else runs in the engine's own process.
+    """
+    moduleDir = _Path(__file__).resolve().parents[1]
+    for candidate in (moduleDir, moduleDir.parent):
+        if (candidate / "ExtremeAugLogic" / "__init__.py").is_file():
+            if str(candidate) not in _sys.path:
+                _sys.path.append(str(candidate))
+            return
+
+
+_putEngineOnPath()

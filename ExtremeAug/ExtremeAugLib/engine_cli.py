@@ -11,9 +11,11 @@ import os
 import subprocess
 from pathlib import Path
 
-ENGINE_PACKAGE = "ExtremeAugLogic"
-MODEL_TYPES = ("2d", "3d")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from ExtremeAugLogic import contract, launcher
+
+ENGINE_PACKAGE = launcher.ENGINE_PACKAGE
+MODEL_TYPES = contract.MODEL_KINDS
+DEVICES = contract.DEVICES
 
 
 class EngineError(RuntimeError):
@@ -32,17 +34,11 @@ def findEngineRoot(moduleDir=None):
 
 def engineEnvironment(engineRoot, baseEnvironment=None):
     """Environment for an engine process: engine folder first on PYTHONPATH, unbuffered output."""
-    env = dict(os.environ if baseEnvironment is None else baseEnvironment)
-    paths = [str(engineRoot)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return launcher.engineEnvironment(engineRoot, baseEnvironment)
 
 
 def baseCommand(pythonExecutable):
-    if not pythonExecutable:
-        raise ValueError("No Python executable given for the engine.")
-    return [os.fspath(pythonExecutable), "-m", ENGINE_PACKAGE]
+    return launcher.engineCommand(pythonExecutable)
 
 
 def initCommand(pythonExecutable, workspace):
@@ -111,10 +107,10 @@ def evaluateCommand(pythonExecutable, prediction, reference):
 
 def checkDevice(device):
     """``device`` if it is auto, cpu, cuda, cuda:N or mps; else ValueError."""
-    name, _, index = str(device).partition(":")
-    if name not in DEVICES or (index and (name != "cuda" or not index.isdigit())):
-        raise ValueError(f"Device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}.")
-    return str(device)
+    try:
+        return contract.check_device(device)
+    except ValueError:
+        raise ValueError(f"Device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}.") from None
 
 
 def _number(value):

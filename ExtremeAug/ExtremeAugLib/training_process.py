@@ -1,33 +1,26 @@
 """The background engine process (training or prediction) and the training status file.
 
-No Qt: the Widget polls ``isRunning()`` / ``readStatus()`` from a ``qt.QTimer``; nothing here
-blocks unless asked to (``stop``, ``wait``). The process starts in its own session (POSIX)
-or process group (Windows), so stopping it ends the whole tree: the engine and anything
-it spawned (data-loader workers, ...). Output goes to log files, never to pipes that could
-fill up and stall the engine.
+The process itself is the engine's one launcher (``ExtremeAugLogic.launcher``: start, stop
+the whole tree, logs); the names of the status file and its phases come from the workspace
+contract (``ExtremeAugLogic.contract``). This module adds the panel's reading of the status
+file, which never raises.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-STATUS_FILE = "status.json"
-TERMINAL_PHASES = ("done", "stopped", "failed")
-RUNNING_PHASES = ("starting", "preparing", "training", "validating", "saving")
+from ExtremeAugLogic import contract
+from ExtremeAugLogic.launcher import (EngineProcess, defaultPythonExecutable, pidExists, psutil,  # noqa: F401
+                                      signalProcessTree)
+
+STATUS_FILE = contract.STATUS_NAME
+TERMINAL_PHASES = contract.FINAL_PHASES
+RUNNING_PHASES = contract.RUNNING_PHASES
 DEFAULT_STATUS = {
     "phase": "unknown", "iteration": 0, "total": 0, "loss": None, "val_dice": None, "eta_s": None,
     "version": None, "error": None, "pid": None, "started_at": None, "updated_at": None, "message": "",
 }
 _NUMBER_FIELDS = {"iteration": int, "total": int, "loss": float, "val_dice": float, "eta_s": float, "pid": int}
-
-try:
-    import psutil
-except ImportError:  # Slicer without psutil: process groups on POSIX, taskkill on Windows
-    psutil = None
 
 
 # ------------------------------------------------------------------ status
@@ -79,247 +72,3 @@ def _asNumber(value, kind, default):
 
 def isTerminalPhase(phase):
     return phase in TERMINAL_PHASES
-
-
-# ---------------------------------------------------------- process trees
-
-def pidExists(pid):
-    """Whether a (non-zombie) process with this id exists."""
-    if not pid:
-        return False
-    if psutil is not None:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-    if os.name == "nt":  # pragma: no cover - Windows without psutil
-        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}"], capture_output=True, text=True).stdout
-        return str(pid) in out
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _treeOf(pid):
-    """psutil processes of ``pid`` and all its descendants (empty without psutil)."""
-    if psutil is None:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [root] + root.children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def signalProcessTree(pid, groupId=None, kill=False):
-    """Send SIGTERM (or SIGKILL with ``kill``) to ``pid``, its descendants and its process group."""
-    tree = _treeOf(pid)
-    for process in tree:
-        try:
-            process.kill() if kill else process.terminate()
-        except Exception:  # already gone or not ours
-            pass
-    if groupId is not None and hasattr(os, "killpg"):
-        try:
-            os.killpg(groupId, signal.SIGKILL if kill else signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    elif not tree:
-        if os.name == "nt":  # pragma: no cover - Windows without psutil
-            subprocess.run(["taskkill", "/T"] + (["/F"] if kill else []) + ["/PID", str(pid)], capture_output=True)
-        else:
-            try:
-                os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    return tree
-
-
-class EngineProcess:
-    """One engine command running in the background, with its output in log files.
-
-    ``start()`` returns at once. ``requestStop()`` asks the whole tree to end (SIGTERM: the
-    engine saves its last checkpoint) and ``killIfOverdue()`` (called from a poll) kills what
-    is left after ``stopTimeout`` seconds; ``stop()`` does both, blocking, for console use.
-    """
-
-    def __init__(self, args, cwd=None, env=None, logPrefix=None, stopTimeout=5.0):
-        if isinstance(args, (str, bytes)):
-            raise TypeError("EngineProcess needs an argument list, not a shell string.")
-        self.args = [os.fspath(a) for a in args]
-        self.cwd = os.fspath(cwd) if cwd else None
-        self.env = env
-        self.logPrefix = Path(logPrefix) if logPrefix else None
-        self.stopTimeout = float(stopTimeout)
-        self.popen = None
-        self.pid = None
-        self.groupId = None
-        self.startedAt = None
-        self.stopRequestedAt = None
-        self._processes = []
-
-    @classmethod
-    def attach(cls, pid, stopTimeout=5.0):
-        """An EngineProcess for a running engine started elsewhere (e.g. by an earlier Slicer session)."""
-        process = cls([], stopTimeout=stopTimeout)
-        process.pid = int(pid)
-        if hasattr(os, "getpgid"):
-            try:
-                groupId = os.getpgid(process.pid)
-            except (ProcessLookupError, PermissionError):
-                groupId = None
-            # Signal the group only when the engine leads its own (never Slicer's group).
-            process.groupId = groupId if groupId == process.pid else None
-        return process
-
-    @property
-    def stdoutPath(self):
-        return self.logPrefix.with_name(self.logPrefix.name + ".log") if self.logPrefix else None
-
-    @property
-    def stderrPath(self):
-        return self.logPrefix.with_name(self.logPrefix.name + ".err.log") if self.logPrefix else None
-
-    def start(self):
-        if self.popen is not None:
-            raise RuntimeError("This engine process was already started.")
-        if not self.args:
-            raise ValueError("No command to run.")
-        if self.logPrefix is None:
-            import tempfile
-
-            self.logPrefix = Path(tempfile.mkdtemp(prefix="ExtremeAug-")) / "engine"
-        self.logPrefix.parent.mkdir(parents=True, exist_ok=True)
-        options = {}
-        if os.name == "nt":  # pragma: no cover - Windows
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        else:
-            options["start_new_session"] = True
-        with open(self.stdoutPath, "wb") as out, open(self.stderrPath, "wb") as err:
-            self.popen = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                          stdout=out, stderr=err, **options)
-        self.pid = self.popen.pid
-        self.groupId = self.pid if os.name != "nt" else None
-        self.startedAt = time.time()
-        return self
-
-    def returnCode(self):
-        """Exit code, or None while running (or when attached to a process we did not start)."""
-        return self.popen.poll() if self.popen is not None else None
-
-    def isRunning(self):
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return pidExists(self.pid)
-
-    def requestStop(self):
-        """Ask the whole process tree to end (non-blocking)."""
-        if self.pid is None:
-            return
-        if self.stopRequestedAt is None:
-            self.stopRequestedAt = time.time()
-        self._processes = signalProcessTree(self.pid, self.groupId) or self._processes
-
-    def killIfOverdue(self):
-        """Kill what is left of the tree once ``stopTimeout`` has passed since ``requestStop``."""
-        if self.stopRequestedAt is None or time.time() - self.stopRequestedAt < self.stopTimeout:
-            return False
-        signalProcessTree(self.pid, self.groupId, kill=True)
-        for process in self._processes:
-            try:
-                process.kill()
-            except Exception:
-                pass
-        return True
-
-    def stop(self, timeout=None):
-        """End the whole tree: SIGTERM, wait up to ``timeout`` s, then SIGKILL. True if all ended."""
-        timeout = self.stopTimeout if timeout is None else float(timeout)
-        self.requestStop()
-        deadline = time.time() + timeout
-        while time.time() < deadline and self._treeAlive():
-            time.sleep(0.05)
-        if self._treeAlive():
-            self.stopRequestedAt = time.time() - self.stopTimeout
-            self.killIfOverdue()
-            deadline = time.time() + 2.0
-            while time.time() < deadline and self._treeAlive():
-                time.sleep(0.05)
-        return not self._treeAlive()
-
-    def _treeAlive(self):
-        if self.popen is not None:
-            self.popen.poll()  # reap our direct child
-        alive = self.isRunning()
-        if psutil is not None:
-            for process in self._processes:
-                try:
-                    alive = alive or (process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
-                except psutil.Error:
-                    pass
-        elif self.groupId is not None and hasattr(os, "killpg"):
-            try:
-                os.killpg(self.groupId, 0)
-                alive = True
-            except (ProcessLookupError, PermissionError):
-                pass
-        return alive
-
-    def wait(self, timeout=None):
-        """Block until the process ends (console use); its exit code, or None on timeout."""
-        if self.popen is None:
-            deadline = None if timeout is None else time.time() + timeout
-            while self.isRunning():
-                if deadline is not None and time.time() > deadline:
-                    return None
-                time.sleep(0.2)
-            return None
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stderrTail(self, lines=20):
-        """The last ``lines`` lines the engine wrote to stderr."""
-        return _tail(self.stderrPath, lines)
-
-    def stdoutTail(self, lines=20):
-        return _tail(self.stdoutPath, lines)
-
-    def lastError(self, status=None):
-        """Best error text: the status file's ``error``, else the last stderr line, else the exit code."""
-        if status and status.get("error"):
-            return str(status["error"])
-        tail = [line for line in self.stderrTail(50).splitlines() if line.strip()]
-        if tail:
-            return tail[-1].strip()
-        code = self.returnCode()
-        if code not in (None, 0):
-            return f"engine exited with code {code}"
-        return ""
-
-
-def _tail(path, lines):
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def defaultPythonExecutable():
-    """Slicer's own Python (``PythonSlicer``) when running in Slicer, else this interpreter."""
-    import shutil
-
-    found = shutil.which("PythonSlicer")
-    return found or sys.executable

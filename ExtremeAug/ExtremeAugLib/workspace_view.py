@@ -5,11 +5,12 @@ reader here returns an empty answer for a folder that is not (yet) a workspace.
 """
 
 import json
-import re
 from pathlib import Path
 
-MANIFEST_FILE = "extremeaug.json"
-MAX_CASE_ID_LENGTH = 64
+from ExtremeAugLogic import contract
+
+MANIFEST_FILE = contract.MANIFEST_NAME
+MAX_CASE_ID_LENGTH = contract.MAX_CASE_ID_LENGTH
 
 
 def manifestPath(workspace):
@@ -61,6 +62,7 @@ def versionRows(workspace):
     """One row per model version, oldest first: name, status, validation Dice (or None), best."""
     manifest = readManifest(workspace)
     best = manifest.get("best_version")
+    lockPath = Path(workspace) / contract.TRAIN_LOCK_NAME
     rows = []
     for record in manifest.get("versions") or []:
         if not isinstance(record, dict):
@@ -69,7 +71,7 @@ def versionRows(workspace):
         dice = scores.get("mean_dice") if isinstance(scores, dict) else None
         rows.append({
             "name": str(record.get("name", "?")),
-            "status": str(record.get("status", "?")),
+            "status": contract.shown_version_status(record, lockPath),
             "valDice": float(dice) if isinstance(dice, (int, float)) else None,
             "isBest": record.get("name") == best,
             "casesSeen": len(record.get("cases_seen") or []),
@@ -79,11 +81,11 @@ def versionRows(workspace):
 
 def newCaseId(workspace, baseName):
     """A safe case id from ``baseName`` (e.g. the volume's name), unique in the workspace."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(baseName or ""))
-    stem = re.sub(r"\.{2,}", ".", stem).strip("._-")[:MAX_CASE_ID_LENGTH - 4].rstrip(".") or "case"
+    stem = contract.safe_name_stem(baseName, MAX_CASE_ID_LENGTH - 4) or "case"
     taken = {cid.lower() for cid in caseIds(workspace)}
     candidate, number = stem, 1
     while candidate.lower() in taken:
         number += 1
         candidate = f"{stem}_{number}"
     return candidate
+

@@ -1,13 +1,10 @@
-"""Shared pytest setup: import the engine from the repository root; tiny synthetic images."""
+"""Shared pytest setup: tiny synthetic images. The engine is the installed package (``pip install -e .``)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def _make_scan_and_label(size=(16, 16, 8), spacing=(1.0, 1.0, 2.0), values=(1, 2), seed=0):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from ExtremeAugLogic import augment
+from ExtremeAugLogic.recipes.slice2d import augment
 
 
 def _fit_affine(grid: torch.Tensor, size: int, patch: int, centre: float):

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ExtremeAugLogic import fingerprint3d as f3
+from ExtremeAugLogic.recipes.volume3d import fingerprint as f3
 
 BIG = {"memory_budget_mb": 1e6, "cpu_max_voxels": None}
 SHARED_VB01 = Path(__file__).resolve().parents[3] / "shared" / "data" / "spine-vb" / "vb01_image.nii.gz"

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from ExtremeAugLogic import phantom
+from ExtremeAugLogic.demo import phantom
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.experiment import (ExperimentSpec, Experiment, baseline_overrides, expand_cases, plan_cells,
+from ExtremeAugLogic.experiments.grid import (ExperimentSpec, Experiment, baseline_overrides, expand_cases, plan_cells,
                                         run_experiment)
-from ExtremeAugLogic.imageio import write_image
+from ExtremeAugLogic.workspace.imageio import write_image
 from ExtremeAugLogic.workspace import Workspace
 
 SMALL = {"inplane_size": 32, "patch_size": 16, "stride": 8, "base_features": 4, "depth": 2,
@@ -59,7 +59,7 @@ def test_expand_ranges_keeps_padding_and_order():
 
 def test_plan_equal_budget_and_paper_rule(data, tmp_path):
     spec = _spec(data, tmp_path / "o", subjects=[1, 2], levels=[5, 50], iterations_per_cell=10)
-    from ExtremeAugLogic.experiment import check_spec
+    from ExtremeAugLogic.experiments.grid import check_spec
 
     cells = plan_cells(check_spec(spec))
     assert [c.key for c in cells] == ["s1_L5", "s1_L50", "s1_none", "s1_crops",

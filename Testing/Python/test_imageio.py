@@ -1,10 +1,10 @@
-"""Reading and validating scans and label maps (ExtremeAugLogic.imageio)."""
+"""Reading and validating scans and label maps (ExtremeAugLogic.workspace.imageio)."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ExtremeAugLogic import imageio
+from ExtremeAugLogic.workspace import imageio
 from ExtremeAugLogic.errors import InputError
 
 

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.phantom import (DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom,
+from ExtremeAugLogic.demo.phantom import (DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom,
                                      phantom_names, write_phantom_set)
 
 SMALL = dict(shape=(64, 64, 24), spacing=(3.0, 3.0, 3.5))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ExtremeAugLogic import patches, preprocess
+from ExtremeAugLogic.recipes.slice2d import patches, preprocess
 
 
 def _image(shape_zyx, spacing_xyz=(1.0, 1.0, 1.0), direction=None, seed=0):

@@ -8,10 +8,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ExtremeAugLogic import augment3d as a3
-from ExtremeAugLogic import fingerprint3d as f3
-from ExtremeAugLogic.recipe import CaseData
-from ExtremeAugLogic.recipe3d import DeepSupervisedDice, Recipe3D, pad_to_patch, target_grid
+from ExtremeAugLogic.recipes.volume3d import augment as a3
+from ExtremeAugLogic.recipes.volume3d import fingerprint as f3
+from ExtremeAugLogic.recipes.base import CaseData
+from ExtremeAugLogic.recipes.volume3d.recipe import DeepSupervisedDice, Recipe3D, pad_to_patch, target_grid
 
 NO_AUG = a3.Ranges3D(rotation_deg=0.0, scale_min=1.0, scale_max=1.0, translation_frac=0.0,
                      elastic_mm=0.0, noise_std=0.0)

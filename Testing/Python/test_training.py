@@ -13,11 +13,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ExtremeAugLogic import phantom
+from ExtremeAugLogic.demo import phantom
 from ExtremeAugLogic.evaluation import dice_scores
-from ExtremeAugLogic.imageio import read_label, write_image
+from ExtremeAugLogic.workspace.imageio import read_label, write_image
 from ExtremeAugLogic.inference import load_model, predict_array, predict_file
-from ExtremeAugLogic.status import read_status, wait_until
+from ExtremeAugLogic.workspace.status import read_status, wait_until
 from ExtremeAugLogic.training import TrainRequest, train
 from ExtremeAugLogic.workspace import Workspace
 

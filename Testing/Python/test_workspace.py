@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ExtremeAugLogic import atomic
+from ExtremeAugLogic.workspace import atomic
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.workspace import (NO_VALIDATION_REASON, Workspace, auto_split,
                                        case_id_from_filename)
@@ -384,7 +384,7 @@ def test_unserialisable_update_leaves_old_manifest(ws_one):
 
 
 def _run_child(code: str, **kwargs) -> subprocess.Popen:
-    script = f"import sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n" + textwrap.dedent(code)
+    script = textwrap.dedent(code)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -445,7 +445,7 @@ def test_sigkill_with_torn_temp_manifest_keeps_old_one(ws_one):
     manifest_before = ws_one.manifest_path.read_bytes()
     child = _run_child(f"""
         import os, time
-        from ExtremeAugLogic import atomic
+        from ExtremeAugLogic.workspace import atomic
         from ExtremeAugLogic.workspace import Workspace
         def torn(path):
             if "extremeaug" in path.name:

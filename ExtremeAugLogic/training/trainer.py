@@ -22,11 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from ExtremeAugLogic import atomic, status as status_mod
+from ExtremeAugLogic import contract
+from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.pidlock import PidLock
-from ExtremeAugLogic.workspace import Workspace
+from ExtremeAugLogic.evaluation.scoring import score_model
+from ExtremeAugLogic.inference.predict import load_model, load_weights, read_config, save_model
+from ExtremeAugLogic.recipes.registry import make_recipe
+from ExtremeAugLogic.training.plots import plot_training
+from ExtremeAugLogic.workspace import Workspace, atomic, status as status_mod
+from ExtremeAugLogic.workspace.locking import OwnerLock
 
 DEFAULT_MINUTES_CPU = 8.0
 DEFAULT_MINUTES_GPU = 1.0
@@ -58,14 +65,23 @@ class StopRequested(Exception):
 
 
 def train(request: TrainRequest) -> dict:
-    """Run one training to its end (or stop); returns a summary of the version."""
+    """Run one training to its end (or stop); returns a summary of the version.
+
+    Everything the request names is checked before anything is written: a refused request
+    (bad budget, nothing to resume, unknown ``--init-from``, no training case, a training
+    already running) raises InputError and leaves the workspace as it was, ``status.json``
+    included.
+    """
     workspace = Workspace.open(request.workspace)
     if request.minutes is not None and request.minutes <= 0:
         raise InputError(f"--minutes {request.minutes}: must be positive")
     if request.iterations is not None and request.iterations <= 0:
         raise InputError(f"--iterations {request.iterations}: must be positive")
-    with PidLock(workspace.lock_path, "training is already running; stop it first"):
-        return _Trainer(workspace, request).run()
+    with OwnerLock(workspace.lock_path, "training is already running; stop it first"):
+        trainer = _Trainer(workspace, request)
+        trainer.plan()
+        workspace.mark_interrupted()  # we own the lock: any "training" record was left by a dead trainer
+        return trainer.run()
 
 
 class _Trainer:
@@ -75,12 +91,27 @@ class _Trainer:
         self.ws, self.req = workspace, request
         self.stop_event = threading.Event()
         self.history: list[list] = []  # [iteration, seconds, loss, lr, val_dice]
-        self.status = status_mod.StatusReporter(workspace.status_path, phase="starting",
-                                                message="starting training")
+        self.status = None
         self.version = None
+        self.resume_from = None  # (version record, config) when resuming
+        self.parent = None
+
+    # ------------------------------------------------------------------ checks, no writes
+    def plan(self) -> None:
+        """Resolve the request against the workspace; InputError before anything is written."""
+        self.device = resolve_device(self.req.device)
+        if not self.ws.case_ids("train"):
+            raise InputError(f"{self.ws.path}: no training case yet; add one with 'add' first")
+        if self.req.resume:
+            self.resume_from = self._resumable()
+        else:
+            make_recipe(self.req.model, {})  # an unknown model kind is refused here
+            self.parent = self._resolve_init_from()
 
     # ------------------------------------------------------------------ main flow
     def run(self) -> dict:
+        self.status = status_mod.StatusReporter(self.ws.status_path, phase="starting",
+                                                message="starting training")
         self._install_signal_handlers()
         try:
             return self._run()
@@ -96,41 +127,37 @@ class _Trainer:
             self._restore_signal_handlers()
 
     def _run(self) -> dict:
-        import torch
-
-        from ExtremeAugLogic.devices import resolve_device
-        from ExtremeAugLogic.recipes import make_recipe
-
-        self.device = resolve_device(self.req.device)
         torch.manual_seed(self.req.seed)
         torch.set_flush_denormal(True)  # tiny activations must not slow CPU training down
         self.status.update(phase="preparing", message="loading cases")
         train_cases = self.ws.load_cases("train")
-        if not train_cases:
-            raise InputError(f"{self.ws.path}: no training case yet; add one with 'add' first")
         self.val_cases = self.ws.load_cases("validation")
         num_classes = max(self.ws.structure_names()) + 1
         checkpoint = None
-        if self.req.resume:
-            self.version, config, checkpoint = self._resumable()
-            self.recipe = make_recipe(config["kind"], config["settings"])
+        if self.resume_from is not None:
+            record, config = self.resume_from
+            self.version = record["name"]
+            checkpoint = load_weights(self.model_dir / contract.CHECKPOINT_NAME, self.device)
+            changes = {"status": contract.VERSION_TRAINING, "pid": os.getpid()}
+            if self.req.iterations is not None or self.req.minutes is not None:
+                changes["settings"] = {**record["settings"], **self._budget()}  # a new budget
+            self.ws.update_version(self.version, **changes)
+            self.recipe = make_recipe(config.kind, config.settings)
         else:
             settings = {"device": self.device, **self.req.settings}
             if self.req.level is not None:
                 settings["level"] = int(self.req.level)
             self.recipe = make_recipe(self.req.model, settings)
             config = self.recipe.fit_config(train_cases, num_classes)
-            parent = self._resolve_init_from()
-            budget = self._budget()
             self.version = self.ws.new_version(
-                {**self.recipe.settings, "model": self.req.model, "device": self.device, **budget},
-                [c.case_id for c in train_cases], parent=parent)
-            atomic.write_json(self.model_dir / "config.json", config)
+                {**config.settings, "model": self.req.model, "device": self.device, **self._budget()},
+                [c.case_id for c in train_cases], parent=self.parent)
+            atomic.write_json(self.model_dir / contract.CONFIG_NAME, config)
         self.config = config
         self.status.update(version=self.version, message=f"preparing {len(train_cases)} case(s)")
         model = self.recipe.build_model(config).to(self.device)
-        if checkpoint is None and self.ws.version(self.version).get("parent"):
-            _warm_start(model, self.ws.model_dir(self.ws.version(self.version)["parent"]) / "model.pt")
+        if checkpoint is None and self.parent:
+            _warm_start(model, self.ws.model_dir(self.parent) / contract.MODEL_WEIGHTS_NAME)
         optimizer, scheduler = self.recipe.optimizer(model, config)
         start_iteration, elapsed_before = 0, 0.0
         if checkpoint is not None:
@@ -147,8 +174,6 @@ class _Trainer:
 
     # ------------------------------------------------------------------ budget
     def _budget(self) -> dict:
-        from ExtremeAugLogic.devices import is_gpu
-
         if self.req.iterations is not None:
             return {"budget_iterations": int(self.req.iterations), "budget_minutes": None}
         minutes = self.req.minutes
@@ -161,30 +186,18 @@ class _Trainer:
         return self.ws.model_dir(self.version)
 
     def _resumable(self):
-        """The newest stopped (or crashed) version with a checkpoint, its config and state."""
-        import json
-
-        import torch
-
+        """(record, config) of the newest stopped, failed or interrupted version with a checkpoint."""
         for record in reversed(self.ws.versions()):
             folder = self.ws.model_dir(record["name"])
-            if record.get("status") in ("stopped", "training", "failed") and (folder / "checkpoint.pt").is_file():
-                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-                state = torch.load(folder / "checkpoint.pt", map_location=self.device, weights_only=True)
-                changes = {"status": "training"}
-                if self.req.iterations is not None or self.req.minutes is not None:
-                    changes["settings"] = {**record["settings"], **self._budget()}  # a new budget
-                self.ws.update_version(record["name"], **changes)
-                return record["name"], config, state
+            if record.get("status") in contract.RESUMABLE_STATUSES and (folder / contract.CHECKPOINT_NAME).is_file():
+                return record, read_config(folder)
         raise InputError(f"{self.ws.path}: nothing to resume (no stopped training with a checkpoint)")
 
     def _resolve_init_from(self) -> str | None:
         if not self.req.init_from:
             return None
-        from ExtremeAugLogic.inference import resolve_version
-
-        name = resolve_version(self.ws, self.req.init_from)
-        if not (self.ws.model_dir(name) / "model.pt").is_file():
+        name = self.ws.resolve_version(self.req.init_from)
+        if not (self.ws.model_dir(name) / contract.MODEL_WEIGHTS_NAME).is_file():
             raise InputError(f"--init-from {name}: that version has no saved weights")
         return name
 
@@ -195,11 +208,10 @@ class _Trainer:
         budget_s = (settings.get("budget_minutes") or 0) * 60.0 or None
         # the starting rate of the poly schedule (a resumed optimiser holds a decayed one)
         lr0 = float(settings.get("learning_rate", self.optimizer.param_groups[0]["lr"]))
-        scaler_ctx = _amp_context(self.device)
         start = time.monotonic() - elapsed_before
         last_ckpt = last_log = time.monotonic()
         validated = {f for f in VALIDATE_AT if self._fraction(iteration, elapsed_before, total_iters, budget_s) >= f}
-        bar = _ProgressBar(self.req.progress_bar)
+        bar = _ProgressBar(self.req.progress_bar, iteration)
         losses: list[float] = []
         self.status.update(phase="training", message="training")
         self.model.train()
@@ -216,7 +228,7 @@ class _Trainer:
                     group["lr"] = lr0 * max(1.0 - fraction, 0.02) ** 0.9
             x, y = sampler.batch(iteration)
             self.optimizer.zero_grad(set_to_none=True)
-            with scaler_ctx():
+            with autocast(self.device):
                 loss = loss_fn(self.model(x), y)
             loss.backward()
             self.optimizer.step()
@@ -273,23 +285,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------ validation
     def _validate(self, cases) -> dict | None:
-        if not cases:
-            return None
-        import SimpleITK as sitk
-
-        from ExtremeAugLogic.evaluation import dice_scores
-        from ExtremeAugLogic.inference import predict_array
-
-        labels = list(range(1, self.config["num_classes"]))
-        per_case = {}
-        for case in cases:
-            prediction = predict_array(self.recipe, self.config, self.model, case.image, self.device)
-            scores = dice_scores(prediction, sitk.GetArrayFromImage(case.label), labels=labels)
-            per_case[case.case_id] = {"mean_dice": scores["mean_dice"], "binary_dice": scores["binary_dice"],
-                                      "per_structure": {str(k): v for k, v in scores["per_structure"].items()}}
-        return {"mean_dice": float(np.mean([c["mean_dice"] for c in per_case.values()])),
-                "binary_dice": float(np.mean([c["binary_dice"] for c in per_case.values()])),
-                "per_case": per_case, "cases": list(per_case)}
+        return score_model(self.recipe, self.config, self.model, cases, self.device)
 
     def _periodic_validation(self, iteration, elapsed) -> None:
         self.status.update(phase="validating", message="validating")
@@ -299,18 +295,13 @@ class _Trainer:
 
     # ------------------------------------------------------------------ endings
     def _save_checkpoint(self, iteration: int, elapsed: float) -> None:
-        import torch
-
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
                  "iteration": int(iteration), "elapsed": float(elapsed), "history": self.history}
-        atomic.write_with(self.model_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        atomic.write_with(self.model_dir / contract.CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
         self.ws.update_version(self.version, iterations=int(iteration), seconds=round(float(elapsed), 1))
 
     def _finish_done(self) -> dict:
-        from ExtremeAugLogic.inference import save_model
-        from ExtremeAugLogic.plots import plot_training
-
         self.status.update(phase="validating", message=self.ws.validation_note() if not self.val_cases
                            else f"validating on {len(self.val_cases)} case(s)")
         scores = self._validate(self.val_cases)
@@ -335,8 +326,6 @@ class _Trainer:
         The validation split only grows (cases never move), but a model scored when it had
         fewer validation cases would otherwise be compared on a different set.
         """
-        from ExtremeAugLogic.inference import load_model
-
         best = self.ws.best_version()
         if best is None or best == self.version:
             return
@@ -345,19 +334,12 @@ class _Trainer:
             return
         self.status.update(message=f"scoring {best} on the same validation cases")
         recipe, config, model, _ = load_model(self.ws, best, self.device)
-        own = (self.recipe, self.config, self.model)
-        self.recipe, self.config, self.model = recipe, config, model
-        try:
-            scores = self._validate(self.val_cases)
-        finally:
-            self.recipe, self.config, self.model = own
+        scores = score_model(recipe, config, model, self.val_cases, self.device)
         self.ws.update_version(best, val_scores=scores, rescored_at=status_mod.now_iso())
 
     def _finish_stopped(self) -> dict:
-        from ExtremeAugLogic.plots import plot_training
-
         plot_training(self.history, self.model_dir / "training.png", title=f"model {self.version} (stopped)")
-        self.ws.update_version(self.version, status="stopped")
+        self.ws.update_version(self.version, status=contract.VERSION_STOPPED)
         message = f"{self.version} stopped; continue with --resume"
         self.status.close(phase="stopped", eta_s=None, message=message)
         return {"version": self.version, "phase": "stopped", "message": message}
@@ -365,7 +347,7 @@ class _Trainer:
     def _fail(self, text: str, trace: str | None = None) -> None:
         if self.version is not None:
             try:
-                self.ws.finish_version(self.version, None, status="failed")
+                self.ws.finish_version(self.version, None, status=contract.VERSION_FAILED)
             except Exception:  # the original error matters more
                 pass
         self.status.close(phase="failed", error=text, message=text, traceback=trace)
@@ -385,47 +367,39 @@ class _Trainer:
 
 def _warm_start(model, weights: Path) -> None:
     """Load the tensors of ``weights`` whose names and shapes match (the head may differ)."""
-    import torch
-
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_weights(weights)
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     own.update(matching)
     model.load_state_dict(own)
 
 
-def _amp_context(device: str):
-    """Mixed precision on CUDA (bfloat16 where supported), full precision elsewhere."""
-    import contextlib
-
-    import torch
-
-    if not device.startswith("cuda"):
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return lambda: torch.autocast("cuda", dtype=dtype)
-
-
 class _ProgressBar:
-    """A one-line progress bar on a terminal; a line every 15 s when output is a file."""
+    """tqdm's bar on a terminal (on stderr); a plain line every 15 s when stderr is a file."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, start: int = 0):
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
+        self.bar = None
         self.last = 0.0
+        self.start = start
 
     def show(self, iteration: int, total: int, state: dict) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < (0.5 if self.tty else 15.0)):
+        if not self.enabled:
             return
-        self.last = now
-        done = int(30 * min(iteration / max(total, 1), 1.0))
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=self.start, unit="it", dynamic_ncols=True,
+                            mininterval=0.5 if _stderr_is_terminal() else 15.0)
+        self.bar.total = max(total, iteration)
         val = state.get("val_dice")
-        text = (f"[{'#' * done}{'.' * (30 - done)}] it {iteration}/{total} loss {state.get('loss', 0):.3f}"
-                f"{'' if val is None else f' val Dice {val:.3f}'} ETA {status_mod.format_eta(state.get('eta_s'))}")
-        sys.stderr.write(("\r" + text) if self.tty else text + "\n")
-        sys.stderr.flush()
+        self.bar.set_postfix_str(f"loss {state.get('loss') or 0:.3f}" + ("" if val is None else f" val Dice {val:.3f}"),
+                                 refresh=False)
+        self.bar.update(iteration - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ExtremeAugLogic import atomic
+from ExtremeAugLogic.workspace import atomic
 from ExtremeAugLogic.errors import InputError
 
 GRID_TOLERANCE = 1e-4  # relative tolerance for spacing/origin, absolute for direction

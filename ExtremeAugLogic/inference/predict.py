@@ -1,9 +1,10 @@
 """Prediction: a model version applied to a scan, written as a label image on its exact grid.
 
 Probabilities come from the recipe (sliding windows with Gaussian blending, optional flip
-test-time augmentation); the label map is their argmax, cleaned of small disconnected specks
-(the one-scan paper's false positives): for each structure, connected components smaller than
-``min_component_fraction`` of its largest component are dropped (0 turns this off).
+test-time augmentation, ``recipes.windows``); the label map is their argmax, cleaned of small
+disconnected specks (the one-scan paper's false positives): for each structure, connected
+components smaller than ``min_component_fraction`` of its largest component are dropped
+(0 turns this off).
 """
 
 from __future__ import annotations
@@ -13,70 +14,56 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
+import torch
 
-from ExtremeAugLogic import atomic, imageio
+from ExtremeAugLogic import contract
+from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.errors import InputError
-
-DEFAULT_MIN_COMPONENT_FRACTION = 0.1
-
-
-def resolve_version(workspace, version: str | None) -> str:
-    """``version`` itself, or the best version when None/"best", or the newest for "latest"."""
-    if version in (None, "", "best"):
-        best = workspace.best_version()
-        if best is None:
-            raise InputError(f"{workspace.path}: no trained model yet; run 'train' first")
-        return best
-    if version == "latest":
-        done = [v["name"] for v in workspace.versions() if v.get("status") == "done"]
-        if not done:
-            raise InputError(f"{workspace.path}: no finished model version yet")
-        return done[-1]
-    workspace.version(version)  # raises InputError for an unknown name
-    return version
+from ExtremeAugLogic.inference.postprocess import DEFAULT_MIN_COMPONENT_FRACTION, remove_specks
+from ExtremeAugLogic.recipes.base import RecipeConfig
+from ExtremeAugLogic.recipes.registry import make_recipe
+from ExtremeAugLogic.workspace import atomic, imageio
 
 
 def save_model(model_dir: Path, model, config: dict) -> None:
     """Write the weights (state dict only) and the recipe config, each atomically."""
-    import torch
-
-    atomic.write_json(model_dir / "config.json", config)
+    atomic.write_json(model_dir / contract.CONFIG_NAME, config)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic.write_with(model_dir / "model.pt", lambda tmp: torch.save(state, tmp))
+    atomic.write_with(model_dir / contract.MODEL_WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
+
+
+def read_config(model_dir: Path) -> RecipeConfig:
+    """A version's ``config.json`` as a ``RecipeConfig``."""
+    path = Path(model_dir) / contract.CONFIG_NAME
+    try:
+        return RecipeConfig(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; the model version is incomplete") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: damaged ({exc})") from None
+
+
+def load_weights(path: Path, device="cpu") -> dict:
+    """A state dict from ``path``, tensors only (``weights_only=True``): a pickled payload never runs."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # an UnpicklingError names the refused global
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: refused to load: not plain weights ({first})") from None
 
 
 def load_model(workspace, version: str | None, device: str):
     """(recipe, config, model, version name) for a finished version, weights loaded safely."""
-    import torch
-
-    from ExtremeAugLogic.recipes import make_recipe
-
-    name = resolve_version(workspace, version)
+    name = workspace.resolve_version(version)
     folder = workspace.model_dir(name)
-    weights = folder / "model.pt"
+    weights = folder / contract.MODEL_WEIGHTS_NAME
     if not weights.is_file():
         raise InputError(f"{weights}: model version {name} has no weights (did its training finish?)")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    recipe = make_recipe(config["kind"], config["settings"])
+    config = read_config(folder)
+    recipe = make_recipe(config.kind, config.settings)
     model = recipe.build_model(config)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(weights))
     return recipe, config, model.to(device).eval(), name
-
-
-def remove_specks(labels: np.ndarray, min_fraction: float) -> np.ndarray:
-    """Drop, per structure, components smaller than ``min_fraction`` of its largest one."""
-    if min_fraction <= 0:
-        return labels
-    out = labels.copy()
-    for value in np.unique(labels[labels > 0]):
-        components, count = ndimage.label(labels == value)
-        if count < 2:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
-        out[np.isin(components, small)] = 0
-    return out
 
 
 def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, tta: bool = False,
@@ -99,8 +86,6 @@ def predict_file(workspace, image_path, output_path, version: str | None = None,
                  tta: bool = False, min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
                  progress=None) -> dict:
     """Predict ``image_path`` with a workspace model and write the label map to ``output_path``."""
-    from ExtremeAugLogic.devices import resolve_device
-
     output_path = Path(output_path)
     if output_path.exists() and output_path.is_dir():
         raise InputError(f"{output_path}: output is a folder; give a file name such as pred.nii.gz")

@@ -14,58 +14,53 @@ import contextlib
 import json
 import os
 import re
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from ExtremeAugLogic import atomic, imageio
+from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
-
-try:  # POSIX advisory locks; Windows falls back to msvcrt below.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from ExtremeAugLogic.workspace import atomic, imageio, locking
+from ExtremeAugLogic.workspace.status import now_iso
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "extremeaug.json"
-DATASET_JSON_NAME = "dataset.json"
-STATUS_NAME = "status.json"
-TRAIN_LOCK_NAME = "train.lock"
-MANIFEST_LOCK_NAME = ".manifest.lock"
-IMAGES_DIR, LABELS_DIR, PREDICTIONS_DIR, MODELS_DIR = "imagesTr", "labelsTr", "predictions", "models"
-FILE_ENDING = ".nii.gz"
-MAX_CASE_ID_LENGTH = 64
+MANIFEST_NAME = contract.MANIFEST_NAME
+DATASET_JSON_NAME = contract.DATASET_JSON_NAME
+STATUS_NAME = contract.STATUS_NAME
+TRAIN_LOCK_NAME = contract.TRAIN_LOCK_NAME
+MANIFEST_LOCK_NAME = contract.MANIFEST_LOCK_NAME
+IMAGES_DIR, LABELS_DIR = contract.IMAGES_DIR, contract.LABELS_DIR
+PREDICTIONS_DIR, MODELS_DIR = contract.PREDICTIONS_DIR, contract.MODELS_DIR
+FILE_ENDING = contract.FILE_ENDING
+MAX_CASE_ID_LENGTH = contract.MAX_CASE_ID_LENGTH
 MIN_CASES_FOR_VALIDATION = 3
 VALIDATION_FRACTION = 0.2
 NO_VALIDATION_REASON = "no validation cases: newest model used"
 
 ImageOrPath = Union[str, os.PathLike, sitk.Image]
 
-_CASE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gz")
 _NAME_TAILS = ("_0000", "_image", "_img", "_scan", "_volume", "_vol", "-image", "-scan")
 
 
-def now_iso() -> str:
-    """Current UTC time as an ISO 8601 string (seconds precision)."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+@dataclass
+class CaseData:
+    """One training or validation case in memory (SimpleITK images on the same grid)."""
+
+    case_id: str
+    image: sitk.Image  # float32, 3D
+    label: sitk.Image  # integer labels 0..K, same grid
 
 
 def validate_case_id(case_id) -> str:
-    """Return ``case_id`` if it is a safe file-name stem, else raise InputError naming it."""
-    if not isinstance(case_id, str) or not case_id:
-        raise InputError(f"{case_id!r}: case id must be a non-empty text")
-    if len(case_id) > MAX_CASE_ID_LENGTH:
-        raise InputError(f"{case_id}: case id is longer than {MAX_CASE_ID_LENGTH} characters")
-    if "/" in case_id or "\\" in case_id or os.sep in case_id:
-        raise InputError(f"{case_id}: case id must not contain a path separator")
-    if case_id.startswith(".") or ".." in case_id:
-        raise InputError(f"{case_id}: case id must not start with '.' or contain '..'")
-    if not _CASE_ID_RE.match(case_id):
-        raise InputError(f"{case_id}: case id may only use letters, digits, '.', '_' and '-'")
+    """Return ``case_id`` if it is a safe file-name stem (the contract's rule), else raise InputError."""
+    problem = contract.name_problem(case_id, "case id")
+    if problem:
+        raise InputError(f"{case_id!r}: {problem}" if not isinstance(case_id, str) or not case_id
+                         else f"{case_id}: {problem}")
     return case_id
 
 
@@ -81,8 +76,7 @@ def case_id_from_filename(path: str | os.PathLike) -> Optional[str]:
         if name.lower().endswith(tail) and len(name) > len(tail):
             name = name[: -len(tail)]
             break
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    name = re.sub(r"\.{2,}", ".", name).strip("._-")[:MAX_CASE_ID_LENGTH].rstrip(".")
+    name = contract.safe_name_stem(name)
     try:
         return validate_case_id(name)
     except InputError:
@@ -143,6 +137,7 @@ class Workspace:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / MANIFEST_LOCK_NAME).touch()
+            (folder / TRAIN_LOCK_NAME).touch()
             atomic.write_json(folder / MANIFEST_NAME, manifest)
         except PermissionError as exc:
             raise InputError(f"{path}: cannot create a workspace here ({exc.strerror})") from None
@@ -253,14 +248,14 @@ class Workspace:
     def _locked(self) -> Iterator[dict]:
         """Hold the manifest lock, reload, and yield the fresh manifest (re-entrant)."""
         if self._lock_depth == 0:
-            self._lock_handle = _acquire_lock(self.manifest_lock_path)
+            self._lock_handle = locking.acquire_blocking(self.manifest_lock_path)
         self._lock_depth += 1
         try:
             yield self._reload()
         finally:
             self._lock_depth -= 1
             if self._lock_depth == 0:
-                _release_lock(self._lock_handle)
+                locking.release(self._lock_handle)
                 self._lock_handle = None
 
     def manifest(self) -> dict:
@@ -422,8 +417,6 @@ class Workspace:
 
     def load_cases(self, split: Optional[str] = None) -> list:
         """``CaseData`` for every case in ``split`` ("train", "validation" or None = all)."""
-        from ExtremeAugLogic.recipe import CaseData
-
         if split not in (None, "train", "validation"):
             raise InputError(f"{split}: split must be 'train', 'validation' or None")
         return [CaseData(cid, *self.load_case(cid)) for cid in self.case_ids(split)]
@@ -451,14 +444,61 @@ class Workspace:
     # ------------------------------------------------------------ model versions
 
     def versions(self) -> list[dict]:
-        return [dict(v) for v in self._reload()["versions"]]
+        """Every version's record, oldest first, with its status as it stands now.
+
+        A version recorded as ``training`` whose trainer is gone (killed, power loss: no live
+        process holds ``train.lock`` and its recording process has ended) is shown as
+        ``interrupted``.
+        """
+        return [self._shown(v) for v in self._reload()["versions"]]
 
     def version(self, name: str) -> dict:
-        """The record of model version ``name``; InputError if absent."""
-        return dict(self._find_version(self._reload(), name))
+        """The record of model version ``name`` (status as in :meth:`versions`); InputError if absent."""
+        return self._shown(self._find_version(self._reload(), name))
 
     def best_version(self) -> Optional[str]:
         return self._reload()["best_version"]
+
+    def _shown(self, record: dict) -> dict:
+        shown = dict(record)
+        shown["status"] = contract.shown_version_status(record, self.lock_path)
+        return shown
+
+    def training_pid(self) -> Optional[int]:
+        """The pid of the live training that owns this workspace, or None."""
+        return contract.lock_holder(self.lock_path)
+
+    def resolve_version(self, version: Optional[str]) -> str:
+        """``version`` itself, the best version for None/"best", or the newest finished for "latest"."""
+        if version in (None, "", "best"):
+            best = self.best_version()
+            if best is None:
+                raise InputError(f"{self.path}: no trained model yet; run 'train' first")
+            return best
+        if version == "latest":
+            done = [v["name"] for v in self.versions() if v.get("status") == contract.VERSION_DONE]
+            if not done:
+                raise InputError(f"{self.path}: no finished model version yet")
+            return done[-1]
+        self.version(version)  # raises InputError for an unknown name
+        return version
+
+    def mark_interrupted(self) -> list[str]:
+        """Record every version still marked ``training`` as ``interrupted``.
+
+        Only a process that holds the training lock may call this: then no other trainer
+        can be alive, and those records were left by one that died.
+        """
+        with self._locked() as manifest:
+            stale = [v for v in manifest["versions"] if v.get("status") == contract.VERSION_TRAINING
+                     and v.get("pid") != os.getpid()]
+            for record in stale:
+                record["status"] = contract.VERSION_INTERRUPTED
+            if stale:
+                self._save()
+                for record in stale:
+                    self._write_version_json(record)
+        return [v["name"] for v in stale]
 
     def new_version(self, settings: dict, cases_seen: list[str], parent: Optional[str] = None) -> str:
         """Register a new model version in training; returns its name ("v1", "v2", ...)."""
@@ -472,7 +512,8 @@ class Workspace:
                 "settings": dict(settings or {}),
                 "cases_seen": list(cases_seen),
                 "parent": parent,
-                "status": "training",
+                "status": contract.VERSION_TRAINING,
+                "pid": os.getpid(),
                 "val_scores": None,
                 "iterations": 0,
             }
@@ -552,9 +593,10 @@ class Workspace:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
     """Whether ``record`` should replace ``best``, and why (a short sentence)."""
-    if record["status"] == "failed":
+    if record["status"] == contract.VERSION_FAILED:
         return False, "training failed"
     new = _mean_dice(record)
     if best is None:
@@ -639,41 +681,3 @@ def _load_label(label: ImageOrPath, source: Optional[str], what: str, reference:
     checked = imageio.read_label(label, reference=reference, reference_name=reference_name,
                                  allow_empty=allow_empty)
     return checked, os.fspath(label), src
-
-
-def _acquire_lock(path: Path):
-    """Open and exclusively lock ``path`` (blocking); returns the handle."""
-    handle = open(path, "a+b")
-    try:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        else:  # pragma: no cover - Windows
-            import msvcrt
-            import time
-
-            while True:
-                try:
-                    handle.seek(0)
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-                    break
-                except OSError:
-                    time.sleep(0.05)
-    except BaseException:
-        handle.close()
-        raise
-    return handle
-
-
-def _release_lock(handle) -> None:
-    if handle is None:
-        return
-    try:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        else:  # pragma: no cover - Windows
-            import msvcrt
-
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-    finally:
-        handle.close()

@@ -33,12 +33,9 @@ killed before its first checkpoint), ``DIR/report.md`` and the figures (see
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -48,23 +45,28 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ExtremeAugLogic import atomic
+from ExtremeAugLogic import contract, launcher
+from ExtremeAugLogic.devices import is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.pidlock import PidLock
+from ExtremeAugLogic.evaluation.scoring import score_model
+from ExtremeAugLogic.experiments import report as experiment_report
+from ExtremeAugLogic.experiments.machine import machine_description, run_measured
+from ExtremeAugLogic.experiments.report import PAPER_TABLE2, REPORT_NAME  # noqa: F401 - part of this API
+from ExtremeAugLogic.inference.predict import load_model
+from ExtremeAugLogic.recipes.slice2d import patches
+from ExtremeAugLogic.recipes.slice2d.recipe import Recipe2D
+from ExtremeAugLogic.training import DEFAULT_MINUTES_CPU, DEFAULT_MINUTES_GPU, TrainRequest, train
+from ExtremeAugLogic.workspace import CaseData, Workspace, atomic, imageio
+from ExtremeAugLogic.workspace.locking import OwnerLock
+from ExtremeAugLogic.workspace.status import format_eta, now_iso, read_status
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS_NAME = "results.json"
-REPORT_NAME = "report.md"
 LOCK_NAME = "experiment.lock"
 FORMAT_VERSION = 1
 
 PAPER_SUBJECTS = (1, 3, 5, 7, 9)
 PAPER_LEVELS = (5, 10, 20, 30, 40, 50)
 BASELINES = ("none", "crops")
-# Mean validation Dice stated in the extreme-augmentation paper (Table II) as quoted in
-# /work/shared/docs/anchors.md; every other cell of the paper's tables is not quoted there.
-PAPER_TABLE2 = {(1, 5): 0.641, (1, 50): 0.729, (9, 50): 0.863}
-PAPER_TABLE1: dict = {}
 COMPUTE_RULES = ("equal", "epochs")
 AUGMENTATION_KEYS = ("rotation_deg", "scale", "translation_px", "level")
 # The paper's patch geometry (patch statistics are also measured with it).
@@ -118,26 +120,6 @@ def case_files(data: Path, case: str) -> tuple[Path, Path]:
     return image, label
 
 
-def machine_description() -> str:
-    """One line naming the machine: CPU model, cores, RAM, GPU, torch version."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    try:
-        mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB RAM"
-    except (ValueError, OSError, AttributeError):
-        mem = "RAM unknown"
-    return f"{cpu}, {os.cpu_count()} cores, {mem}, {gpu}, torch {torch.__version__}, {platform.system()}"
-
-
 # ---------------------------------------------------------------- plan
 
 @dataclass
@@ -179,8 +161,6 @@ class ExperimentSpec:
 
 def merged_settings(settings: dict) -> dict:
     """The 2D recipe's settings after ``settings`` (and any preset in them) are applied."""
-    from ExtremeAugLogic.recipe2d import Recipe2D
-
     return dict(Recipe2D(dict(settings or {})).settings)
 
 
@@ -254,91 +234,11 @@ def check_spec(spec: ExperimentSpec) -> ExperimentSpec:
     if spec.iterations_per_cell is not None and spec.iterations_per_cell <= 0:
         raise InputError(f"--iterations-per-cell {spec.iterations_per_cell}: must be positive")
     if spec.minutes_per_cell is None and spec.iterations_per_cell is None:
-        from ExtremeAugLogic.devices import is_gpu, resolve_device
-        from ExtremeAugLogic.training import DEFAULT_MINUTES_CPU, DEFAULT_MINUTES_GPU
-
         spec.minutes_per_cell = DEFAULT_MINUTES_GPU if is_gpu(resolve_device(spec.device)) else DEFAULT_MINUTES_CPU
     bad = [k for k in spec.settings if k in ("level", "offline_dir")]
     if bad:
         raise InputError(f"--set {bad[0]}: set by the experiment itself (use --levels)")
     return spec
-
-
-# ---------------------------------------------------------------- child processes
-
-def peak_rss_mib(pid: int) -> Optional[float]:
-    """The process's peak resident memory so far (VmHWM on Linux, else its current RSS), MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss / 2 ** 20
-    except Exception:  # psutil missing, process gone
-        return None
-
-
-def child_env() -> dict:
-    """The environment for ``python -m ExtremeAugLogic`` children: this engine first on the path."""
-    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
-
-
-def run_measured(cmd: list, log_path: Optional[Path] = None, poll_s: float = 0.5,
-                 env: Optional[dict] = None, on_poll: Optional[Callable] = None) -> dict:
-    """Run ``cmd`` to its end; wall time and its peak resident memory (MiB).
-
-    The peak is the child's VmHWM polled every ``poll_s`` (exact except for growth in its
-    last ``poll_s``), combined with ``getrusage(RUSAGE_CHILDREN)``, which is exact when this
-    child set a new maximum among this process's children. Ctrl+C or SIGTERM here stops the
-    child with SIGTERM (the engine then checkpoints) before the interrupt goes on.
-    """
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    handle = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    start = time.monotonic()
-    peak = 0.0
-    try:
-        proc = subprocess.Popen([str(c) for c in cmd], env=env or child_env(), stdout=handle,
-                                stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
-        try:
-            while True:
-                try:
-                    rc = proc.wait(timeout=poll_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    peak = max(peak, peak_rss_mib(proc.pid) or 0.0)
-                    if on_poll:
-                        on_poll(proc)
-        except BaseException:
-            _stop_child(proc)
-            raise
-    finally:
-        if log_path:
-            handle.close()
-    wall = time.monotonic() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if after > before:  # this child set a new maximum: exact (bytes on macOS, KiB on Linux)
-        peak = max(peak, after / (2 ** 20 if sys.platform == "darwin" else 1024.0))
-    return {"returncode": rc, "wall_s": wall, "peak_rss_mib": peak or None}
-
-
-def _stop_child(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 class _SigtermAsInterrupt:
@@ -417,8 +317,6 @@ class Experiment:
         return results
 
     def _save(self, results: dict) -> None:
-        from ExtremeAugLogic import experiment_report
-
         results["updated_at"] = _now()
         atomic.write_json(self.results_path, results)
         try:
@@ -429,7 +327,7 @@ class Experiment:
     # ------------------------------------------------------------ main loop
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        with PidLock(self.out / LOCK_NAME, "an experiment is already running there"), _SigtermAsInterrupt():
+        with OwnerLock(self.out / LOCK_NAME, "an experiment is already running there"), _SigtermAsInterrupt():
             results = self._load_results()
             todo = [c for c in self.cells if c.key not in results["cells"]]
             self.log(f"experiment: {len(self.cells)} cells ({len(self.cells) - len(todo)} already done), "
@@ -474,8 +372,6 @@ class Experiment:
         return float(cell.budget_iterations if cell.budget_iterations is not None else cell.budget_minutes)
 
     def _eta(self, remaining: list, spent_units: float, spent_s: float) -> str:
-        from ExtremeAugLogic.status import format_eta
-
         if not remaining:
             return "0m00s"
         units = sum(self._units(c) for c in remaining)
@@ -498,8 +394,6 @@ class Experiment:
 
     # ------------------------------------------------------------ one cell
     def run_cell(self, cell: Cell) -> dict:
-        from ExtremeAugLogic.workspace import Workspace
-
         folder = self.out / "cells" / cell.key
         cases = self.spec.train[:cell.subjects]
         ws, resume = self._prepare_workspace(folder, cases)
@@ -539,8 +433,6 @@ class Experiment:
 
     def _prepare_workspace(self, folder: Path, cases: list):
         """A workspace holding exactly ``cases`` for training; (workspace, resume?)."""
-        from ExtremeAugLogic.workspace import Workspace
-
         if Workspace.is_workspace(folder):
             ws = Workspace.open(folder)
             if ws.case_ids("train") == cases and not ws.case_ids("validation"):
@@ -548,7 +440,7 @@ class Experiment:
                     self.log(f"  {folder.name}: training had finished; scoring it")
                     return ws, False
                 for record in reversed(ws.versions()):
-                    if record.get("status") in ("stopped", "training", "failed") and \
+                    if record.get("status") in contract.RESUMABLE_STATUSES and \
                             (ws.model_dir(record["name"]) / "checkpoint.pt").is_file():
                         self.log(f"  {folder.name}: resuming {record['name']} from its checkpoint "
                                  f"(iteration {record.get('iterations')})")
@@ -572,8 +464,6 @@ class Experiment:
     def _train(self, cell: Cell, ws, resume: bool) -> dict:
         settings = {**self.spec.settings, **cell.overrides}
         if self.spec.in_process:
-            from ExtremeAugLogic.training import TrainRequest, train
-
             start = time.monotonic()
             result = train(TrainRequest(str(ws.path), minutes=cell.budget_minutes, iterations=cell.budget_iterations,
                                         device=self.spec.device, resume=resume, settings=settings,
@@ -581,8 +471,8 @@ class Experiment:
             if result.get("phase") != "done":
                 raise KeyboardInterrupt()
             return {"wall_s": time.monotonic() - start, "peak_rss_mib": None}
-        cmd = [sys.executable, "-m", "ExtremeAugLogic", "train", str(ws.path), "--quiet",
-               "--device", self.spec.device, "--seed", str(self.spec.seed)]
+        cmd = launcher.engineCommand(sys.executable, "train", ws.path, "--quiet",
+                                     "--device", self.spec.device, "--seed", self.spec.seed)
         if cell.budget_iterations is not None:
             cmd += ["--iterations", str(cell.budget_iterations)]
         else:
@@ -592,16 +482,9 @@ class Experiment:
         else:
             for key, value in settings.items():
                 cmd += ["--set", f"{key}={json.dumps(value)}"]
-        log_path = ws.path / "train.log"
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(f"\n$ {' '.join(cmd)}\n")
-        measured = run_measured(cmd, log_path)
+        measured = run_measured(cmd, ws.path / "train.log")
         if measured["returncode"] != 0:
-            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"{cell.key}: training failed (exit {measured['returncode']}): "
-                               + " | ".join(tail))
-        from ExtremeAugLogic.status import read_status
-
+            raise RuntimeError(f"{cell.key}: training failed (exit {measured['returncode']}): {measured['error']}")
         state = read_status(ws.status_path) or {}
         if state.get("phase") == "stopped":
             raise KeyboardInterrupt()
@@ -609,8 +492,6 @@ class Experiment:
 
     # ------------------------------------------------------------ scoring
     def _validation_cases(self) -> list:
-        from ExtremeAugLogic import imageio
-
         if self._val_cache is None:
             cases = []
             for case in self.spec.validate:
@@ -621,33 +502,17 @@ class Experiment:
         return self._val_cache
 
     def _device(self) -> str:
-        from ExtremeAugLogic.devices import resolve_device
-
         return resolve_device(self.spec.device)
 
     def _score(self, ws, version: str, cases: list) -> dict:
         """Mean Dice over ``cases`` [(id, image, label)]: binary, per-structure mean, per structure."""
-        import SimpleITK as sitk
-
-        from ExtremeAugLogic.evaluation import dice_scores
-        from ExtremeAugLogic.inference import load_model, predict_array
-
         device = self._device()
         recipe, config, model, _ = load_model(ws, version, device)
-        labels = list(range(1, int(config["num_classes"])))
-        per_case = {}
-        for case_id, image, label in cases:
-            prediction = predict_array(recipe, config, model, image, device)
-            scores = dice_scores(prediction, sitk.GetArrayFromImage(label), labels=labels)
-            per_case[case_id] = {"binary": scores["binary_dice"], "mean": scores["mean_dice"],
-                                 "per_structure": {str(k): v for k, v in scores["per_structure"].items()}}
-        structures = sorted({k for c in per_case.values() for k in c["per_structure"]}, key=int)
+        scores = score_model(recipe, config, model, [CaseData(*case) for case in cases], device)
         return {
-            "binary": float(np.mean([c["binary"] for c in per_case.values()])),
-            "mean": float(np.mean([c["mean"] for c in per_case.values()])),
-            "per_structure": {k: float(np.mean([c["per_structure"].get(k, 0.0) for c in per_case.values()]))
-                              for k in structures},
-            "per_case": per_case,
+            "binary": scores["binary_dice"], "mean": scores["mean_dice"], "per_structure": scores["per_structure"],
+            "per_case": {cid: {"binary": c["binary_dice"], "mean": c["mean_dice"], "per_structure": c["per_structure"]}
+                         for cid, c in scores["per_case"].items()},
         }
 
     # ------------------------------------------------------------ patch statistics
@@ -660,10 +525,6 @@ class Experiment:
         Measured on the cells' own geometry and, when that differs, on the paper's (256 px
         slices, 128 px patches, stride 64), where a random crop is a real choice of position.
         """
-        from ExtremeAugLogic import imageio
-        from ExtremeAugLogic.recipe import CaseData
-        from ExtremeAugLogic.recipe2d import Recipe2D
-
         cells = Recipe2D(dict(self.spec.settings)).settings
         cases = []
         for case in case_ids or self.spec.train[:max(self.spec.subjects)]:
@@ -684,9 +545,6 @@ class Experiment:
         return out
 
     def _edge_statistics(self, cases: list, settings: dict) -> tuple[dict, dict]:
-        from ExtremeAugLogic import patches
-        from ExtremeAugLogic.recipe2d import Recipe2D
-
         recipe = Recipe2D(dict(settings))
         settings = recipe.settings
         config = recipe.fit_config(cases, 2)
@@ -696,7 +554,7 @@ class Experiment:
         per_kind = {k: [] for k in ("random_crops", "foreground", "grid", "crops_baseline")}
         counts, labels_all, offset = {}, [], 0
         for i, case in enumerate(cases):
-            labels = recipe.preprocess(config, case.image, case.label).labels
+            labels = recipe.preprocess(config, case.image, case.label).label
             n, size = labels.shape[0], labels.shape[1]
             grid = patches.grid_centres(n, size, patch, stride)
             fg = patches.base_centres(labels, patch, stride, "foreground", settings["fg_fraction"], self.spec.seed + i)
@@ -722,8 +580,6 @@ class Experiment:
 
 
 def _now() -> str:
-    from ExtremeAugLogic.status import now_iso
-
     return now_iso()
 
 

@@ -37,6 +37,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.workspace.imageio import write_image
 
 STRUCTURES = ("vertebrae", "discs", "both")
 DEFAULT_SHAPE = (96, 96, 32)
@@ -119,8 +120,6 @@ def write_phantom_set(folder: str | os.PathLike, n: int, seed0: int = 0,
     Extra keyword arguments go to :func:`make_phantom`. Files are written atomically.
     Returns the ``(image_path, label_path)`` pairs in order.
     """
-    from ExtremeAugLogic.imageio import write_image
-
     folder = Path(folder)
     pairs = []
     for i in range(int(n)):

@@ -1,21 +1,28 @@
 """The unattended annotate-train-correct loop: ``python -m ExtremeAugLogic demo``.
 
 Scan 1 delineated -> train -> predict scan 2 -> "correct" it with its true label -> add it
--> retrain (warm start) -> predict scan 3. Training runs as a background process exactly as
-the Slicer module starts it, and the demo follows it through ``status.json``. Each round
+-> retrain (warm start) -> predict scan 3. Training runs as a background process started by
+the same launcher the Slicer module uses (``ExtremeAugLogic.launcher``), and the demo follows
+it through ``status.json``. Each round
 prints the Dice of the prediction and how many voxels the correction changed.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-
+from ExtremeAugLogic import contract, launcher
+from ExtremeAugLogic.demo.phantom import phantom_names, write_phantom_set
+from ExtremeAugLogic.devices import is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.evaluation import changed_voxels, dice_scores
+from ExtremeAugLogic.inference import predict_file
+from ExtremeAugLogic.workspace import Workspace
+from ExtremeAugLogic.workspace.imageio import read_label
+from ExtremeAugLogic.workspace.status import format_eta, read_status
 
 DEMO_MINUTES_CPU = 3.0
 
@@ -36,54 +43,37 @@ def find_cases(folder: Path) -> list[tuple[str, Path, Path]]:
 
 
 def phantom_cases(folder: Path) -> tuple[list, dict]:
-    from ExtremeAugLogic.phantom import phantom_names, write_phantom_set
-
     pairs = write_phantom_set(folder, 3, seed0=1)
     return [(f"phantom{i + 1:02d}", img, lab) for i, (img, lab) in enumerate(pairs)], phantom_names("vertebrae")
 
 
-def cli(*args: str) -> list[str]:
-    """The argument list that runs the engine's CLI in this Python (never a shell string)."""
-    return [sys.executable, "-m", "ExtremeAugLogic", *map(str, args)]
-
-
-def engine_env() -> dict:
-    """The environment with this engine's folder first on PYTHONPATH."""
-    import os
-
-    env = dict(os.environ)
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def run_training(workspace: Path, budget: list[str], extra: list[str], say) -> None:
     """Start training as a background process and follow its status file until it ends."""
-    from ExtremeAugLogic.status import FINAL_PHASES, format_eta, read_status
-
     # the training process prints its own closing line (version, validation, best or not)
-    process = subprocess.Popen(cli("train", workspace, *budget, *extra, "--quiet"), env=engine_env())
+    args = launcher.engineCommand(sys.executable, "train", workspace, *budget, *extra, "--quiet")
+    process = launcher.EngineProcess(args, env=launcher.engineEnvironment(),
+                                     logPrefix=workspace / "logs" / "train").start()
     last = ""
-    while process.poll() is None:
+    while process.isRunning():
         time.sleep(2.0)
-        state = read_status(workspace / "status.json") or {}
-        if state.get("phase") in FINAL_PHASES:
+        state = read_status(workspace / contract.STATUS_NAME) or {}
+        if state.get("phase") in contract.FINAL_PHASES:
             continue
         line = (f"  {state.get('phase', 'starting')}: iteration {state.get('iteration', 0)}/{state.get('total') or '?'}"
                 f", loss {state.get('loss') or 0:.3f}, ETA {format_eta(state.get('eta_s'))}")
         if line != last:
             say(line)
             last = line
-    state = read_status(workspace / "status.json") or {}
-    if process.returncode != 0 or state.get("phase") != "done":
-        raise RuntimeError(f"training ended with {state.get('phase')}: {state.get('error') or state.get('message')}")
+    say(process.stdoutTail(1))
+    state = read_status(workspace / contract.STATUS_NAME) or {}
+    if process.wait() != 0 or state.get("phase") != "done":
+        raise RuntimeError(f"training ended with {state.get('phase')}: "
+                           f"{state.get('error') or state.get('message') or process.lastError(state)}")
 
 
 def run_demo(data: str | None = None, workspace: str | None = None, minutes: float | None = None,
              iterations: int | None = None, model: str = "2d", device: str = "auto", say=print) -> dict:
     """Run the loop; returns the per-round figures."""
-    from ExtremeAugLogic.workspace import Workspace
-
     root = (Path(workspace) if workspace else Path("demo-workspace") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     if data:
         cases, names = find_cases(Path(data))[:3], None
@@ -91,8 +81,6 @@ def run_demo(data: str | None = None, workspace: str | None = None, minutes: flo
         say("making 3 phantom scans (procedural lumbar spine, labels L1..L5)")
         cases, names = phantom_cases(root / "inputs")
     ws = Workspace.create(root / "workspace", structure_names=names)
-    from ExtremeAugLogic.devices import is_gpu, resolve_device
-
     if iterations:
         budget = ["--iterations", str(iterations)]
     elif minutes or not is_gpu(resolve_device(device)):
@@ -127,10 +115,6 @@ def run_demo(data: str | None = None, workspace: str | None = None, minutes: flo
 def _predict_round(ws, number: int, case_id: str, image, truth_path, root: Path, device: str, say,
                    wording: str) -> tuple[Path, dict]:
     """Predict the round's next scan with the best model and score it against its true label."""
-    from ExtremeAugLogic.evaluation import changed_voxels, dice_scores
-    from ExtremeAugLogic.imageio import read_label
-    from ExtremeAugLogic.inference import predict_file
-
     say(f"round {number}: predicting {case_id}")
     path = root / "predictions" / f"{case_id}_v{number}.nii.gz"
     predict_file(ws, image, path, device=device)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ExtremeAugLogic.workspace import atomic
 
 _MASK32 = 0xFFFFFFFF
 
@@ -164,10 +167,6 @@ def write_offline_dataset(images: torch.Tensor, labels: torch.Tensor, centres: n
     Sample ``p * level + k`` is transform k of base patch p, the same transform the on-the-fly
     sampler uses. Images are float16, labels uint8; at most ``chunk`` patches are in memory.
     """
-    from pathlib import Path
-
-    from ExtremeAugLogic import atomic
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     total = len(centres) * level
@@ -196,8 +195,6 @@ class OfflineSampler:
     """Random batches read from an offline N-fold dataset (memory-mapped, never all in RAM)."""
 
     def __init__(self, folder, batch_size: int = 16, seed: int = 0, device="cpu"):
-        from pathlib import Path
-
         self.x = np.load(Path(folder) / "images.npy", mmap_mode="r")
         self.y = np.load(Path(folder) / "labels.npy", mmap_mode="r")
         self.batch_size, self.device = batch_size, device

@@ -8,9 +8,8 @@ Conventions, chosen so that no score is ever NaN:
 - ``mean_dice``: the mean over the structures present in the reference (a structure that
   only the prediction has lowers ``binary_dice``, not ``mean_dice``).
 - HD95 (mm): the symmetric 95th-percentile Hausdorff distance between the two surfaces
-  (the larger of the two directed 95th percentiles, as MONAI's
-  ``compute_hausdorff_distance(percentile=95)``), with distances measured in mm using the
-  voxel spacing per axis. 0.0 when the structure is absent from both maps, ``None`` when it
+  (the larger of the two directed 95th percentiles), computed by MONAI's
+  ``compute_hausdorff_distance(percentile=95)`` with the voxel spacing per axis. 0.0 when the structure is absent from both maps, ``None`` when it
   is absent from exactly one (the distance is undefined; JSON-safe, unlike ``inf``).
 """
 
@@ -18,13 +17,16 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
+import torch
+from monai.metrics import compute_hausdorff_distance
 
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.workspace.imageio import grid_difference, read_label
 
 # ---------------------------------------------------------------- Dice
 
@@ -79,29 +81,19 @@ def hausdorff95(prediction, reference, spacing: Optional[Sequence[float]] = None
 
 
 def _hd95(a: np.ndarray, b: np.ndarray, spacing: tuple) -> Optional[float]:
-    """Symmetric 95th-percentile surface distance of two boolean masks (mm)."""
+    """Symmetric 95th-percentile surface distance of two boolean masks (mm), by MONAI."""
     has_a, has_b = bool(a.any()), bool(b.any())
     if not has_a and not has_b:
         return 0.0
     if has_a != has_b:
         return None
     box = _bounding_box(a | b)
-    a, b = a[box], b[box]
-    surface_a, surface_b = _surface(a), _surface(b)
-    a_to_b = _distances_to(surface_b, spacing)[surface_a]
-    b_to_a = _distances_to(surface_a, spacing)[surface_b]
-    return float(max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95)))
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with a face neighbour outside it (the array edge counts as outside)."""
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
-
-
-def _distances_to(surface: np.ndarray, spacing: tuple) -> np.ndarray:
-    """Distance (mm) of every voxel to the nearest ``surface`` voxel."""
-    return ndimage.distance_transform_edt(~surface, sampling=spacing)
+    a = torch.from_numpy(np.ascontiguousarray(a[box]))[None, None]
+    b = torch.from_numpy(np.ascontiguousarray(b[box]))[None, None]
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal call
+        warnings.simplefilter("ignore", FutureWarning)
+        distance = compute_hausdorff_distance(a, b, include_background=True, percentile=95, spacing=list(spacing))
+    return float(distance.item())
 
 
 def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple:
@@ -138,8 +130,6 @@ def evaluate_files(prediction_path: str | os.PathLike, reference_path: str | os.
     HD95 is defined (``None`` if there is none). Raises InputError for unreadable files,
     invalid label maps or different grids.
     """
-    from ExtremeAugLogic.imageio import read_label
-
     reference = read_label(reference_path, allow_empty=True)
     prediction = read_label(prediction_path, reference=reference,
                             reference_name=str(reference_path), allow_empty=True)
@@ -210,8 +200,6 @@ def _array(image, name: str) -> np.ndarray:
 def _pair(prediction, reference, names=("prediction", "reference")) -> tuple[np.ndarray, np.ndarray]:
     """Both maps as arrays of the same shape, else InputError."""
     if isinstance(prediction, sitk.Image) and isinstance(reference, sitk.Image):
-        from ExtremeAugLogic.imageio import grid_difference
-
         difference = grid_difference(prediction, reference)
         if difference:
             raise InputError(f"{names[0]}: grid differs from the {names[1]}'s: {difference}")

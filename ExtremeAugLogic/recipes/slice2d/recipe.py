@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss, DiceLoss
 
-from ExtremeAugLogic import augment, patches, preprocess
-from ExtremeAugLogic.recipe import CaseData, ProgressCallback, Recipe
+from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.recipes.base import CaseData, PreparedCase, ProgressCallback, Recipe, RecipeConfig
+from ExtremeAugLogic.recipes.slice2d import augment, patches, preprocess
+from ExtremeAugLogic.recipes.slice2d.network import ResUNet2D
+from ExtremeAugLogic.recipes.windows import window_probabilities
 
 # Defaults chosen by measurement (docs/results/tuning-2d.md): whole 128 px slices as patches
 # keep the context that tells L1 from L5 and train ~4x faster than 128 px patches of 256 px
@@ -52,8 +56,6 @@ class Recipe2D(Recipe):
         settings = dict(settings or {})
         preset = settings.pop("preset", None)
         if preset not in (None, "default", "paper"):
-            from ExtremeAugLogic.errors import InputError
-
             raise InputError(f"preset {preset!r}: must be default or paper")
         base = PAPER_2D if preset == "paper" else DEFAULTS_2D
         self.settings = {**base, **settings, "preset": preset or "default"}
@@ -66,17 +68,17 @@ class Recipe2D(Recipe):
         template = None
         if self.settings["intensity"] == "match":
             template = preprocess.make_template(cases[0].image)
-        return {"kind": self.kind, "num_classes": int(num_classes), "settings": dict(self.settings),
-                "template": template, "template_case": cases[0].case_id}
+        return RecipeConfig(kind=self.kind, num_classes=int(num_classes), settings=dict(self.settings),
+                            template=template, template_case=cases[0].case_id)
 
     def build_model(self, config: dict):
-        from ExtremeAugLogic.models.resunet2d import ResUNet2D
-
         s = config["settings"]
         return ResUNet2D(_out_channels(config), s["base_features"], s["depth"], s["max_features"])
 
-    def preprocess(self, config: dict, image, label=None) -> preprocess.SliceStack:
-        return preprocess.preprocess_case(image, label, config["settings"], config.get("template"))
+    def preprocess(self, config: dict, image, label=None) -> PreparedCase:
+        """Square slices of the scan (and label) along the slice axis, with the slice plan."""
+        stack = preprocess.preprocess_case(image, label, config["settings"], config.get("template"))
+        return PreparedCase(stack.images, stack.labels, stack.geometry)
 
     def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int):
         s = config["settings"]
@@ -94,19 +96,17 @@ class Recipe2D(Recipe):
         stacks, all_centres, offset = [], [], 0
         for i, case in enumerate(cases):
             stack = self.preprocess(config, case.image, case.label)
-            centres = patches.base_centres(stack.labels, s["patch_size"], s["stride"], s["sampling"],
+            centres = patches.base_centres(stack.label, s["patch_size"], s["stride"], s["sampling"],
                                            s["fg_fraction"], seed + i)
             centres[:, 0] += offset
-            offset += len(stack.images)
+            offset += len(stack.image)
             stacks.append(stack)
             all_centres.append(centres)
-        images = np.concatenate([st.images for st in stacks])
-        labels = np.concatenate([st.labels for st in stacks])
+        images = np.concatenate([st.image for st in stacks])
+        labels = np.concatenate([st.label for st in stacks])
         return images, labels, np.concatenate(all_centres)
 
     def loss_function(self, config: dict):
-        from monai.losses import DiceCELoss, DiceLoss
-
         if _out_channels(config) == 1:
             return DiceLoss(sigmoid=True, batch=True)
         return DiceCELoss(softmax=True, to_onehot_y=True, batch=True)
@@ -118,45 +118,21 @@ class Recipe2D(Recipe):
     @torch.no_grad()
     def predict_probabilities(self, model, config: dict, image, device, tta: bool = False,
                               progress: ProgressCallback = None) -> np.ndarray:
-        from monai.inferers import sliding_window_inference
-
         s = config["settings"]
         stack = self.preprocess(config, image)
+        slices = stack.image
         roi = (s["patch_size"], s["patch_size"])
-        model.eval()
-
-        def probabilities(x):
-            logits = model(x)
-            if logits.shape[1] == 1:
-                p = torch.sigmoid(logits)
-                return torch.cat([1 - p, p], dim=1)
-            return torch.softmax(logits, dim=1)
-
-        def flipped(x, dims):
-            return probabilities(x.flip(dims)).flip(dims)
-
         chunk = 16 if str(device) == "cpu" else 64
-        out = np.zeros((config["num_classes"], *stack.images.shape), dtype=np.float32)
-        for start in range(0, len(stack.images), chunk):
-            x = torch.from_numpy(stack.images[start:start + chunk])[:, None].to(device)
-            with _autocast(device):
-                p = sliding_window_inference(x, roi, 8, probabilities, overlap=s["overlap"], mode="gaussian")
-                if tta:
-                    for dims in ((2,), (3,)):
-                        p = p + sliding_window_inference(x, roi, 8, lambda t: flipped(t, dims),
-                                                         overlap=s["overlap"], mode="gaussian")
-                    p = p / 3.0
-            out[:, start:start + len(x)] = p.float().permute(1, 0, 2, 3).cpu().numpy()
+        out = np.zeros((config["num_classes"], *slices.shape), dtype=np.float32)
+        for start in range(0, len(slices), chunk):
+            x = torch.from_numpy(slices[start:start + chunk])[:, None].to(device)
+            p = window_probabilities(model, x, roi, device, overlap=s["overlap"], tta=tta)
+            out[:, start:start + len(x)] = p.permute(1, 0, 2, 3).cpu().numpy()
             if progress:
-                progress(min(start + chunk, len(stack.images)), len(stack.images))
+                progress(min(start + chunk, len(slices)), len(slices))
         return preprocess.from_slices(out, stack.geometry)
 
 
 def _out_channels(config: dict) -> int:
     """One sigmoid channel for a single structure, K+1 softmax channels otherwise."""
     return 1 if config["num_classes"] == 2 else config["num_classes"]
-
-
-def _autocast(device):
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=torch.float16, enabled=kind == "cuda")

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from monai.transforms import ScaleIntensityRangePercentiles
 
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # LPS component of the normal
 
@@ -44,11 +47,16 @@ def choose_slice_axis(image: sitk.Image, slice_axis: str = "auto") -> int:
 
 
 def scale_to_unit(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Scale the [low, high] percentile range of ``array`` to [0, 1] (clipped to [0, 1])."""
+    """Scale the [low, high] percentile range of ``array`` to [0, 1] (clipped), with MONAI's transform.
+
+    A scan whose two percentiles coincide (a constant image) becomes all zeros, where the
+    transform alone would only shift it.
+    """
     lo, hi = np.percentile(array, [low, high])
     if hi <= lo:
         return np.zeros_like(array, dtype=np.float32)
-    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    scale = ScaleIntensityRangePercentiles(low, high, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+    return np.asarray(scale(np.asarray(array, dtype=np.float32)), dtype=np.float32)
 
 
 MATCH_QUANTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)
@@ -132,8 +140,6 @@ def plan_slices(shape: tuple, spacing_zyx: tuple, axis: int, size: int, fit: str
 def to_slices(volume: np.ndarray, geometry: SliceGeometry, is_label: bool = False,
               pad_mode: str = "reflect") -> np.ndarray:
     """Volume (numpy order) -> (S, size, size) stack of resampled, padded slices."""
-    import torch
-    import torch.nn.functional as F
 
     stack = np.moveaxis(volume, geometry.axis, 0)
     tensor = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
@@ -150,7 +156,6 @@ def to_slices(volume: np.ndarray, geometry: SliceGeometry, is_label: bool = Fals
 
 def _pad(tensor, pad: tuple, mode: str):
     """Pad (N, 1, H, W) by reflection (repeated while the pad exceeds the side) or zeros."""
-    import torch.nn.functional as F
 
     if mode == "zero":
         return F.pad(tensor, pad)
@@ -169,8 +174,6 @@ def _pad(tensor, pad: tuple, mode: str):
 
 def from_slices(probabilities: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
     """(C, S, size, size) slice probabilities -> (C, *volume shape) on the scan's grid."""
-    import torch
-    import torch.nn.functional as F
 
     (top, bottom), (left, right) = geometry.pad
     rows, cols = geometry.resized_hw

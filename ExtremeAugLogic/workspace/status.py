@@ -14,10 +14,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ExtremeAugLogic import atomic
+from ExtremeAugLogic import contract
+from ExtremeAugLogic.workspace import atomic
 
-PHASES = ("starting", "preparing", "training", "validating", "saving", "done", "stopped", "failed")
-FINAL_PHASES = ("done", "stopped", "failed")
+PHASES = contract.PHASES
+FINAL_PHASES = contract.FINAL_PHASES
 
 
 def now_iso() -> str:

@@ -11,15 +11,17 @@ back onto the scan's own grid (same size, spacing, origin, direction) and renorm
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from monai.losses import GeneralizedDiceLoss
+from monai.transforms import ClipIntensityPercentiles, NormalizeIntensity, ScaleIntensityRangePercentiles
 
-from ExtremeAugLogic import augment3d, fingerprint3d
-from ExtremeAugLogic.recipe import CaseData, ProgressCallback, Recipe
+from ExtremeAugLogic.recipes.base import CaseData, PreparedCase, ProgressCallback, Recipe, RecipeConfig
+from ExtremeAugLogic.recipes.volume3d import augment as augment3d, fingerprint as fingerprint3d
+from ExtremeAugLogic.recipes.volume3d.network import build_resenc3d
+from ExtremeAugLogic.recipes.windows import window_probabilities
 
 DEFAULTS_3D = {
     "base_features": 6,
@@ -73,16 +75,14 @@ class Recipe3D(Recipe):
             "ds_weights": fingerprint3d.deep_supervision_weights(config["depth"],
                                                                  bool(settings["deep_supervision"])),
         })
-        return config
+        return RecipeConfig(config)
 
     def build_model(self, config: dict):
-        from ExtremeAugLogic.models.resenc3d import build_resenc3d
-
         return build_resenc3d(config)
 
     # -- preprocessing ---------------------------------------------------------------------
-    def preprocess(self, config: dict, image, label=None):
-        """(image array, label array or None, training-grid reference image) for one scan."""
+    def preprocess(self, config: dict, image, label=None) -> PreparedCase:
+        """The scan (and label) resampled to the training spacing; geometry = that grid's reference image."""
         reference = target_grid(image, config["spacing"])
         resampled = resample_to(image, reference, sitk.sitkLinear)
         array = normalise(sitk.GetArrayFromImage(resampled).astype(np.float32), config["intensity"])
@@ -90,15 +90,15 @@ class Recipe3D(Recipe):
         if label is not None:
             labels = sitk.GetArrayFromImage(resample_to(label, reference, sitk.sitkNearestNeighbor))
             labels = labels.astype(np.uint8 if labels.max() < 256 else np.int32)
-        return array, labels, reference
+        return PreparedCase(array, labels, reference)
 
     def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int):
         s = config["settings"]
         images, labels = [], []
         for case in cases:
-            array, lab, _ = self.preprocess(config, case.image, case.label)
-            images.append(array)
-            labels.append(lab)
+            prepared = self.preprocess(config, case.image, case.label)
+            images.append(prepared.image)
+            labels.append(prepared.label)
         return augment3d.PatchSampler3D(images, labels, config["patch_size"], config["spacing"],
                                         config["batch_size"], int(s["level"]),
                                         augment3d.Ranges3D.from_settings(s), device, seed)
@@ -119,38 +119,15 @@ class Recipe3D(Recipe):
     @torch.no_grad()
     def predict_probabilities(self, model, config: dict, image, device, tta: bool = False,
                               progress: ProgressCallback = None) -> np.ndarray:
-        from monai.inferers import sliding_window_inference
-
         s = config["settings"]
-        array, _, reference = self.preprocess(config, image)
+        prepared = self.preprocess(config, image)
         patch = [int(p) for p in config["patch_size"]]
-        x = torch.from_numpy(array)[None, None].to(device)
+        x = torch.from_numpy(prepared.image)[None, None].to(device)
         x, crop = pad_to_patch(x, patch)
-        overlap = float(s.get("overlap", 0.5))
-        flips = [()] + ([(2,), (3,), (4,)] if tta else [])
-        total = count_windows(x.shape[2:], patch, overlap) * len(flips)
-        done = [0]
-        model.eval()
-        kind = torch.device(device).type
-
-        def predictor(t):
-            with torch.autocast(kind, dtype=torch.float16, enabled=kind == "cuda"):
-                out = torch.softmax(model(t).float(), dim=1)
-            done[0] += t.shape[0]
-            if progress:
-                progress(min(done[0], total), total)
-            return out
-
-        probs = None
-        for dims in flips:
-            inp = x.flip(dims) if dims else x
-            p = sliding_window_inference(inp, patch, int(s.get("sw_batch_size", 1)), predictor,
-                                         overlap=overlap, mode="gaussian")
-            p = p.flip(dims) if dims else p
-            probs = p if probs is None else probs + p
-        probs = (probs / len(flips))[0]
-        probs = probs[:, crop[0], crop[1], crop[2]].float().cpu().numpy()
-        return to_original_grid(probs, reference, image)
+        probs = window_probabilities(model, x, patch, device, overlap=float(s.get("overlap", 0.5)), tta=tta,
+                                     sw_batch_size=int(s.get("sw_batch_size", 1)), progress=progress)[0]
+        probs = probs[:, crop[0], crop[1], crop[2]].cpu().numpy()
+        return to_original_grid(probs, prepared.geometry, image)
 
 
 class DeepSupervisedDice:
@@ -165,8 +142,6 @@ class DeepSupervisedDice:
     """
 
     def __init__(self, weights, w_type: str = "uniform"):
-        from monai.losses import GeneralizedDiceLoss
-
         self.weights = [float(w) for w in weights]
         self.dice = GeneralizedDiceLoss(include_background=True, to_onehot_y=True, softmax=True,
                                         w_type=w_type)
@@ -240,15 +215,14 @@ def to_original_grid(probs: np.ndarray, reference: sitk.Image, original: sitk.Im
 
 # -- intensities and padding ---------------------------------------------------------------
 def normalise(array: np.ndarray, mode: str) -> np.ndarray:
-    """z-score after clipping to the 0.5-99.5 percentiles, or [0, 1] percentile scaling."""
-    lo, hi = np.percentile(array, [0.5, 99.5])
-    clipped = np.clip(array, lo, hi)
+    """z-score after clipping to the 0.5-99.5 percentiles, or [0, 1] percentile scaling (MONAI transforms)."""
     if mode == "percentile":
-        return ((clipped - lo) / (hi - lo) if hi > lo else np.zeros_like(clipped)).astype(np.float32)
+        scale = ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
+        return np.asarray(scale(array), dtype=np.float32)
     if mode != "zscore":
         raise ValueError(f"intensity must be zscore or percentile, not {mode!r}")
-    std = float(clipped.std())
-    return ((clipped - float(clipped.mean())) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+    clipped = ClipIntensityPercentiles(lower=0.5, upper=99.5)(array)
+    return np.asarray(NormalizeIntensity(dtype=np.float32)(clipped), dtype=np.float32)
 
 
 def pad_to_patch(x: torch.Tensor, patch) -> tuple:
@@ -277,12 +251,3 @@ def reflect_pad(x: torch.Tensor, pads) -> torch.Tensor:
         x = F.pad(x, flat, mode="reflect")
         remaining = [[a - sa, b - sb] for (a, b), (sa, sb) in zip(remaining, step)]
     return x
-
-
-def count_windows(size, patch, overlap: float) -> int:
-    """Sliding-window positions, counted as MONAI's ``sliding_window_inference`` places them."""
-    total = 1
-    for n, p in zip(size, patch):
-        interval = int(p) if n == p else max(1, int(p * (1 - overlap)))
-        total *= int(math.ceil(max(0, n - p) / interval)) + 1
-    return total

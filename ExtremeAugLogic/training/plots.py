@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ExtremeAugLogic import atomic
+from ExtremeAugLogic.workspace import atomic
 
 
 def plot_training(history: list, path: Path, title: str = "training") -> None:

@@ -1,0 +1,112 @@
+"""The interface every model family (2D paper model, 3D MSD model) implements.
+
+Training (``training/``) and prediction (``inference/``) only talk to a ``Recipe``; each
+recipe decides how cases become batches and how a scan becomes class probabilities. A
+recipe's config is plain JSON, stored with each model version as ``config.json``, and holds
+everything needed to rebuild the network and its preprocessing at predict time; code reads
+it through ``RecipeConfig``. Settings are read from the config, never from the recipe
+object, once the config exists.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ExtremeAugLogic.workspace.workspace import CaseData
+
+ProgressCallback = Optional[Callable[[int, int], None]]
+
+__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig"]
+
+
+class RecipeConfig(dict):
+    """A model version's config: the plain JSON dict, with its common fields as properties."""
+
+    @property
+    def kind(self) -> str:
+        return str(self["kind"])
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes including the background (K + 1)."""
+        return int(self["num_classes"])
+
+    @property
+    def settings(self) -> dict:
+        return self["settings"]
+
+    @property
+    def structure_labels(self) -> list[int]:
+        """The label values 1..K the model predicts."""
+        return list(range(1, self.num_classes))
+
+
+@dataclass
+class PreparedCase:
+    """A scan (and label) as the network sees it, plus what maps it back to the scan's grid.
+
+    2D: ``image`` and ``label`` are stacks of square slices (S, H, W), ``geometry`` the slice
+    plan. 3D: ``image`` and ``label`` are the resampled volume (Z, Y, X), ``geometry`` the
+    reference image of that grid.
+    """
+
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    geometry: Any
+
+
+class Recipe(abc.ABC):
+    """How one model family trains and predicts.
+
+    A subclass sets ``kind`` (one of ``contract.MODEL_KINDS``) and defines every abstract
+    method below; ``recipes.registry.register_recipe`` checks both.
+    """
+
+    kind: str = ""
+
+    def __init__(self, settings: dict):
+        self.settings = {**self.default_settings(), **(settings or {})}
+
+    @classmethod
+    def default_settings(cls) -> dict:
+        """Defaults for this family; overridden per recipe."""
+        return {}
+
+    @abc.abstractmethod
+    def fit_config(self, cases: list[CaseData], num_classes: int) -> RecipeConfig:
+        """Derive the JSON config (preprocessing, network shape) from the training cases."""
+
+    @abc.abstractmethod
+    def build_model(self, config: RecipeConfig) -> torch.nn.Module:
+        """Return a fresh network for ``config``."""
+
+    @abc.abstractmethod
+    def preprocess(self, config: RecipeConfig, image, label=None) -> PreparedCase:
+        """One scan (SimpleITK image, and optionally its label) as the network sees it."""
+
+    @abc.abstractmethod
+    def make_sampler(self, config: RecipeConfig, cases: list[CaseData], device, seed: int):
+        """Return an object whose ``batch(step)`` gives ``(x, y)`` tensors on ``device``.
+
+        ``x`` is float (B, 1, *patch), ``y`` is long (B, 1, *patch) with values 0..K.
+        Memory must not grow with the augmentation level.
+        """
+
+    @abc.abstractmethod
+    def loss_function(self, config: RecipeConfig) -> Callable:
+        """Return ``loss(outputs, y)``; ``outputs`` is what the model returns in train mode."""
+
+    def optimizer(self, model, config: RecipeConfig):
+        """Return ``(optimizer, scheduler_or_None)``; the scheduler is stepped every iteration."""
+        lr = float(config["settings"].get("learning_rate", 1e-3))
+        return torch.optim.Adam(model.parameters(), lr=lr), None
+
+    @abc.abstractmethod
+    def predict_probabilities(self, model, config: RecipeConfig, image, device, tta: bool = False,
+                              progress: ProgressCallback = None) -> np.ndarray:
+        """Class probabilities (K+1, z, y, x) as float32 on ``image``'s own grid (array order)."""
