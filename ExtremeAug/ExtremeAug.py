@@ -78,7 +78,7 @@ class ExtremeAug(ScriptedLoadableModule):
             "Delineate one scan, get a working segmentation model. A background process trains a "
             "residual U-Net with extreme augmentation; its prediction for the next scan appears as an "
             "editable segmentation; correct it, accept it and retrain. "
-            "See <a href='https://github.com/extremeaug/SlicerExtremeAug'>the documentation</a>.")
+            "See <a href='https://github.com/ExtremeAug/SlicerExtremeAug#readme'>the documentation</a>.")
         self.parent.acknowledgementText = _(
             "Implements the extreme augmentation method of Gaonkar et al. and a 3D residual "
             "encoder-decoder after Rippel et al. (MSD 2018), with MONAI building blocks.")

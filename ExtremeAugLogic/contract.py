@@ -4,7 +4,7 @@ Standard library only: the Slicer side imports this module before the engine's o
 dependencies (torch, monai) are installed. Anything both sides read or write about a
 workspace folder is named here once: file and folder names, the status phases, the model
 kinds and devices, the rule for case ids and version names, and how to tell whether the
-process that owns a workspace is still alive. ``Testing/Python/test_contract.py`` fails if
+process that owns a workspace is still alive. ``Testing/Python/test_layout.py`` fails if
 either side keeps its own copy.
 """
 

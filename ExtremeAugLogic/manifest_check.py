@@ -206,6 +206,7 @@ _VERSION_FIELD_CHECKS: dict[str, Check] = {
     "best_reason": _optional(_text),
     "comparison": _optional(_text),
     "rescored_at": _optional(_text),
+    "pid": _optional(_int),
 }
 REQUIRED_VERSION_FIELDS = ("name", "created_at", "settings", "cases_seen", "parent", "status",
                            "val_scores", "iterations")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
 
 
 def require_data(folder: str) -> Path:
@@ -23,7 +24,7 @@ def require_data(folder: str) -> Path:
 
 def machine() -> str:
     """One line naming the machine the figures come from (the engine's own description)."""
-    from ExtremeAugLogic.experiments.machine import machine_description
+    from ExtremeAugLogic.experiment import machine_description
 
     return machine_description()
 
@@ -42,7 +43,7 @@ def engine(*args) -> list[str]:
 
 def run_child(cmd: list[str]) -> dict:
     """Run a command; wall time and the peak resident memory of that child (MiB)."""
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     completed = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -53,3 +54,16 @@ def run_child(cmd: list[str]) -> dict:
     # ru_maxrss of children is the max over all children so far: only meaningful when it grew
     return {"wall_s": wall, "peak_rss_mib": peak / 1024 if peak > before else None,
             "stdout": completed.stdout}
+
+
+def run_measured_child(cmd: list, log_path: Path) -> dict:
+    """Run a command to its end with its output in ``log_path``; wall time and the peak resident
+    memory of that one child (MiB, its VmHWM polled by the engine's ``run_measured``).
+    Raises RuntimeError with the log's tail if it fails."""
+    from ExtremeAugLogic.experiment import child_env, run_measured
+
+    run = run_measured([str(c) for c in cmd], Path(log_path), env=child_env())
+    if run["returncode"] != 0:
+        tail = Path(log_path).read_text(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {run['returncode']}): {tail}")
+    return run

@@ -75,6 +75,10 @@ class LoopLogic:
         self.workspace = cleanPath(path)
         if self.workspace is not None and self.workspace.exists() and not self.workspace.is_dir():
             raise ValueError(f"Workspace '{self.workspace}' is a file; choose a folder.")
+        problem = workspace_view.manifestProblem(self.workspace) if self.workspace is not None else None
+        if problem:
+            self.workspace = None
+            raise ValueError(problem)
         self.trainingHistory = []
         self._attachToRunningTraining()
         return self.workspace

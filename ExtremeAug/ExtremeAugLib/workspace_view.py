@@ -1,13 +1,17 @@
 """Read-only view of a workspace's manifest (``extremeaug.json``): structures, cases, versions.
 
 The engine rewrites the manifest atomically, so reading the JSON directly is safe. Every
-reader here returns an empty answer for a folder that is not (yet) a workspace.
+reader here returns an empty answer for a folder that is not (yet) a workspace, and for a
+manifest that breaks the workspace rules (``ExtremeAugLogic.manifest_check``, the same
+check the engine applies); ``manifestProblem`` says why in one line.
 """
 
 import json
 from pathlib import Path
 
 from ExtremeAugLogic import contract
+from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.manifest_check import check_manifest
 
 MANIFEST_FILE = contract.MANIFEST_NAME
 MAX_CASE_ID_LENGTH = contract.MAX_CASE_ID_LENGTH
@@ -22,12 +26,32 @@ def isWorkspace(workspace):
 
 
 def readManifest(workspace):
-    """The manifest as a dict; {} when missing or unreadable."""
+    """The manifest as a dict; {} when missing, unreadable or refused by the workspace rules."""
     try:
         data = json.loads(manifestPath(workspace).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict) or manifestProblem(workspace, data):
+        return {}
+    return data
+
+
+def manifestProblem(workspace, data=None):
+    """The one-line reason the workspace's manifest is refused, or None when it is acceptable (or absent)."""
+    if data is None:
+        try:
+            data = json.loads(manifestPath(workspace).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            return f"{manifestPath(workspace)}: damaged manifest ({error})"
+    if not isinstance(data, dict):
+        return f"{manifestPath(workspace)}: damaged manifest (not a JSON object)"
+    try:
+        check_manifest(data, manifestPath(workspace))
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def structureNames(workspace):

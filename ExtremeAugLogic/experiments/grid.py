@@ -346,7 +346,7 @@ class Experiment:
                 eta = self._eta(remaining, spent_units, spent_s)
                 self.log(f"[{index}/{len(todo)}] start {cell.key}: {cell.subjects} scan(s), "
                          f"{'level ' + str(cell.level) if cell.baseline is None else 'baseline ' + cell.baseline}, "
-                         f"{self._cell_budget_text(cell)}; live progress in {self.out / 'cells' / cell.key / 'status.json'}; "
+                         f"{self._cell_budget_text(cell)}; live progress in {self.out / 'cells' / cell.key / contract.STATUS_NAME}; "
                          f"grid ETA {eta}")
                 began = time.monotonic()
                 record = self.run_cell(cell)
@@ -441,7 +441,7 @@ class Experiment:
                     return ws, False
                 for record in reversed(ws.versions()):
                     if record.get("status") in contract.RESUMABLE_STATUSES and \
-                            (ws.model_dir(record["name"]) / "checkpoint.pt").is_file():
+                            (ws.model_dir(record["name"]) / contract.CHECKPOINT_NAME).is_file():
                         self.log(f"  {folder.name}: resuming {record['name']} from its checkpoint "
                                  f"(iteration {record.get('iterations')})")
                         return ws, True
@@ -457,7 +457,7 @@ class Experiment:
     @staticmethod
     def _finished_version(ws) -> Optional[str]:
         for record in reversed(ws.versions()):
-            if record.get("status") == "done" and (ws.model_dir(record["name"]) / "model.pt").is_file():
+            if record.get("status") == contract.VERSION_DONE and (ws.model_dir(record["name"]) / contract.MODEL_WEIGHTS_NAME).is_file():
                 return record["name"]
         return None
 

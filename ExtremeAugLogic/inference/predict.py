@@ -23,6 +23,7 @@ from ExtremeAugLogic.inference.postprocess import DEFAULT_MIN_COMPONENT_FRACTION
 from ExtremeAugLogic.recipes.base import RecipeConfig
 from ExtremeAugLogic.recipes.registry import make_recipe
 from ExtremeAugLogic.workspace import atomic, imageio
+from ExtremeAugLogic.manifest_check import check_version_config
 
 
 def save_model(model_dir: Path, model, config: dict) -> None:
@@ -32,15 +33,19 @@ def save_model(model_dir: Path, model, config: dict) -> None:
     atomic.write_with(model_dir / contract.MODEL_WEIGHTS_NAME, lambda tmp: torch.save(state, tmp))
 
 
-def read_config(model_dir: Path) -> RecipeConfig:
-    """A version's ``config.json`` as a ``RecipeConfig``."""
+def read_config(model_dir: Path, allowed_dirs=()) -> RecipeConfig:
+    """A version's ``config.json`` as a ``RecipeConfig``, checked: only the fields the engine
+    writes, and no path outside the workspace unless it is in ``allowed_dirs`` (given by the user)."""
     path = Path(model_dir) / contract.CONFIG_NAME
     try:
-        return RecipeConfig(json.loads(path.read_text(encoding="utf-8")))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: missing; the model version is incomplete") from None
     except ValueError as exc:
         raise InputError(f"{path}: damaged ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: damaged (not a JSON object)")
+    return RecipeConfig(check_version_config(raw, path, allowed_dirs))
 
 
 def load_weights(path: Path, device="cpu") -> dict:
@@ -56,6 +61,7 @@ def load_model(workspace, version: str | None, device: str):
     """(recipe, config, model, version name) for a finished version, weights loaded safely."""
     name = workspace.resolve_version(version)
     folder = workspace.model_dir(name)
+    workspace.version_record_file(name)  # version.json must agree with the manifest
     weights = folder / contract.MODEL_WEIGHTS_NAME
     if not weights.is_file():
         raise InputError(f"{weights}: model version {name} has no weights (did its training finish?)")

@@ -187,11 +187,18 @@ class _Trainer:
 
     def _resumable(self):
         """(record, config) of the newest stopped, failed or interrupted version with a checkpoint."""
-        for record in reversed(self.ws.versions()):
+        for record in reversed(self.ws.manifest()["versions"]):
             folder = self.ws.model_dir(record["name"])
-            if record.get("status") in contract.RESUMABLE_STATUSES and (folder / contract.CHECKPOINT_NAME).is_file():
-                return record, read_config(folder)
+            status = record.get("status")
+            if status == contract.VERSION_TRAINING and not contract.pid_alive(record.get("pid")):
+                status = contract.VERSION_INTERRUPTED  # we hold the lock: its trainer is gone
+            if status in contract.RESUMABLE_STATUSES and (folder / contract.CHECKPOINT_NAME).is_file():
+                return record, read_config(folder, allowed_dirs=self._user_dirs())
         raise InputError(f"{self.ws.path}: nothing to resume (no stopped training with a checkpoint)")
+
+    def _user_dirs(self) -> list:
+        """Folders this request's own settings name (e.g. ``--set offline_dir=...``): the user gave them."""
+        return [v for k, v in self.req.settings.items() if isinstance(v, str) and k.endswith(("_dir", "_path"))]
 
     def _resolve_init_from(self) -> str | None:
         if not self.req.init_from:

@@ -75,12 +75,15 @@ class OwnerLock:
 
     Refuses with one line (``busy`` completes it, e.g. "training is already running") while
     another live process holds the lock. The pid is written into the file for people and the
-    Slicer panel; emptied again on exit.
+    Slicer panel while the lock is held; on exit the file gets back the bytes it had, so a
+    command that was refused after taking the lock leaves it as it found it. Liveness comes
+    from the lock itself (``contract.lock_holder``), never from the pid in the file.
     """
 
     def __init__(self, path: str | os.PathLike, busy: str):
         self.path, self.busy = Path(path), busy
         self._handle = None
+        self._previous = b""
 
     def __enter__(self):
         handle = open(self.path, "a+b")
@@ -92,6 +95,8 @@ class OwnerLock:
                 who = f" (pid {holder})" if holder and holder > 0 else ""
                 raise InputError(f"{self.path.parent}: {self.busy}{who}")
             time.sleep(0.02)
+        handle.seek(0)
+        self._previous = handle.read()
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()).encode())
@@ -106,6 +111,7 @@ class OwnerLock:
         try:
             handle.seek(0)
             handle.truncate()
+            handle.write(self._previous)
             handle.flush()
         except OSError:
             pass

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.workspace import atomic, imageio, locking
+from ExtremeAugLogic.manifest_check import check_manifest, check_version_record, contained
 from ExtremeAugLogic.workspace.status import now_iso
 
 FORMAT_VERSION = 1
@@ -195,17 +196,32 @@ class Workspace:
         return self.path / MODELS_DIR
 
     def image_path(self, case_id: str) -> Path:
-        return self.path / self.case(case_id)["image"]
+        return contained(self.path, self.case(case_id)["image"])
 
     def label_path(self, case_id: str) -> Path:
-        return self.path / self.case(case_id)["label"]
+        return contained(self.path, self.case(case_id)["label"])
 
     def prediction_path(self, case_id: str) -> Optional[Path]:
         rel = self.case(case_id)["prediction"]
-        return self.path / rel if rel else None
+        return contained(self.path, rel) if rel else None
 
     def model_dir(self, name: str) -> Path:
+        """``models/<name>``; the name must pass the contract's name rule (so it stays inside)."""
+        problem = contract.name_problem(name, "version name")
+        if problem:
+            raise InputError(f"{name!r}: {problem}")
         return self.models_dir / name
+
+    def version_record_file(self, name: str) -> dict:
+        """``models/<name>/version.json``, checked against the manifest's record (None if absent)."""
+        path = self.model_dir(name) / contract.VERSION_RECORD_NAME
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise InputError(f"{path}: damaged ({exc})") from None
+        return check_version_record(record, path, self._find_version(self._reload(), name))
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.path)!r})"
@@ -236,6 +252,7 @@ class Workspace:
         manifest.setdefault("cases", [])
         manifest.setdefault("versions", [])
         manifest.setdefault("best_version", None)
+        check_manifest(manifest, self.manifest_path)  # a workspace is untrusted input: names stay inside it
         self._manifest = manifest
         return manifest
 
@@ -405,8 +422,8 @@ class Workspace:
     def load_case(self, case_id: str) -> tuple[sitk.Image, sitk.Image]:
         """The case's scan (float32) and label map, on the same grid."""
         entry = self.case(case_id)
-        image = imageio.read_image(self.path / entry["image"])
-        label = imageio.read_label(self.path / entry["label"], reference=image,
+        image = imageio.read_image(contained(self.path, entry["image"]))
+        label = imageio.read_label(contained(self.path, entry["label"]), reference=image,
                                    reference_name=entry["image"], allow_empty=True)
         return image, label
 

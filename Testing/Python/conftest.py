@@ -1,10 +1,18 @@
-"""Shared pytest setup: tiny synthetic images. The engine is the installed package (``pip install -e .``)."""
+"""Shared pytest setup: tiny synthetic images.
 
+The engine is the installed package (``pip install -e .``); the Slicer module's folder goes on
+``sys.path`` as Slicer itself puts it there, so ``ExtremeAugLib`` imports as in the application.
+"""
+
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO_ROOT / "ExtremeAug"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
 
 
 def _make_scan_and_label(size=(16, 16, 8), spacing=(1.0, 1.0, 2.0), values=(1, 2), seed=0):

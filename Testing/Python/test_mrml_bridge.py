@@ -13,7 +13,7 @@ MODULE_DIR = Path(__file__).resolve().parents[2] / "ExtremeAug"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  slicer-core is a test requirement: CI fails without it, never skips
 
 from ExtremeAugLib import mrml_bridge  # noqa: E402
 from ExtremeAugLib.headless_scene import HeadlessScene  # noqa: E402

@@ -1,0 +1,379 @@
+"""One structure label per 3D object, in anatomical order: a post-processing step after prediction.
+
+The voxel-wise argmax of the class probabilities can give one vertebra two levels from slice to
+slice, and one wrong level makes its neighbours look shifted. This module (numpy, scipy and the
+standard library only) offers two steps:
+
+* ``detect_structure_order`` learns from the training label maps whether the structures always
+  appear in the same order along one array axis (for example L1..L5 from head to feet);
+* ``assign_structures`` turns probabilities into a label map where every 3D object takes one
+  label (an object that clearly spans two structures is split in two), optionally in that order.
+
+Arrays are in numpy order (z, y, x); "axis" always means an axis of that spatial array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+# A component is split when its second structure's summed probability is at least this
+# fraction of its best structure's ...
+SPAN_RATIO = 0.35
+# ... and each of the two structures holds a connected piece of at least this fraction of it.
+SPAN_MIN_PART = 0.2
+# Objects smaller than this fraction of the largest object are fragments, not structures.
+FRAGMENT_FRACTION = 0.2
+# Consecutive structure centroids must be at least this many times (sd_a + sd_b) apart.
+MIN_SEPARATION = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Order learnt from training label maps
+# ---------------------------------------------------------------------------------------------
+
+def _positions_along(label_map: np.ndarray, axis: int):
+    """(voxel count, centroid, standard deviation) along ``axis`` for each label value."""
+    n_positions = label_map.shape[axis]
+    shape = [1] * label_map.ndim
+    shape[axis] = n_positions
+    coordinate = np.arange(n_positions).reshape(shape)
+    n_values = int(label_map.max()) + 1
+    histogram = np.bincount((label_map * n_positions + coordinate).ravel(),
+                            minlength=n_values * n_positions).reshape(n_values, n_positions)
+    counts = histogram.sum(axis=1)
+    positions = np.arange(n_positions, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroid = histogram @ positions / counts
+        variance = histogram @ positions ** 2 / counts - centroid ** 2
+    return counts, centroid, np.sqrt(np.maximum(variance, 0.0))
+
+
+def _merge_chains(chains: list[list[int]], mean_position: dict[int, float]) -> list[int] | None:
+    """One order agreeing with every chain (topological sort), or None when they contradict.
+
+    Labels whose relative order no chain fixes are taken by increasing mean relative position.
+    """
+    nodes = sorted({label for chain in chains for label in chain})
+    successors: dict[int, set[int]] = {label: set() for label in nodes}
+    pending = {label: 0 for label in nodes}
+    for chain in chains:
+        for before, after in zip(chain, chain[1:]):
+            if after not in successors[before]:
+                successors[before].add(after)
+                pending[after] += 1
+    ready = [label for label in nodes if pending[label] == 0]
+    merged = []
+    while ready:
+        label = min(ready, key=lambda value: (mean_position[value], value))
+        ready.remove(label)
+        merged.append(label)
+        for after in sorted(successors[label]):
+            pending[after] -= 1
+            if pending[after] == 0:
+                ready.append(after)
+    return merged if len(merged) == len(nodes) else None
+
+
+def _order_along(maps: list[np.ndarray], axis: int, min_separation: float):
+    """(labels by increasing coordinate, mean separation) along ``axis``, or None if inconsistent."""
+    chains, separations, relative = [], [], {}
+    for label_map in maps:
+        counts, centroid, spread = _positions_along(label_map, axis)
+        present = [int(v) for v in np.flatnonzero(counts) if v > 0]
+        for value in present:
+            relative.setdefault(value, []).append(centroid[value] / label_map.shape[axis])
+        chain = sorted(present, key=lambda value: centroid[value])
+        for before, after in zip(chain, chain[1:]):
+            gap = centroid[after] - centroid[before]
+            joint_spread = max(spread[before] + spread[after], 1.0)
+            if gap <= 0 or gap < min_separation * joint_spread:
+                return None
+            separations.append(gap / joint_spread)
+        chains.append(chain)
+    if not separations:  # no map shows two structures
+        return None
+    merged = _merge_chains(chains, {value: float(np.mean(p)) for value, p in relative.items()})
+    if merged is None:
+        return None
+    return merged, float(np.mean(separations))
+
+
+def _mostly_ascending(labels: list[int]) -> bool:
+    """True when label values increase along the list for at least half of the pairs."""
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    return sum(b > a for a, b in pairs) >= sum(b < a for a, b in pairs)
+
+
+def detect_structure_order(label_arrays: list[np.ndarray],
+                           min_separation: float = MIN_SEPARATION) -> dict | None:
+    """The axis along which every training label map shows its structures in the same order.
+
+    Rule: for each array axis, each map's structures (labels > 0 that are present) are sorted by
+    their centroid along the axis. The axis is consistent when, in every map, consecutive
+    centroids differ by more than 0 and by at least ``min_separation`` times the sum of the two
+    structures' standard deviations along the axis (they do not substantially overlap), and the
+    per-map orders agree: merged into one sequence (topological sort; a label whose place no map
+    fixes goes by its mean relative position), with no contradiction such as 2 before 3 in one
+    map and 3 before 2 in another. At least one map must show two structures. Among consistent
+    axes the best separated wins: the largest mean of gap / (sum of the two standard
+    deviations) over the consecutive pairs of all maps.
+
+    Returns ``{"axis": a, "ascending": bool, "labels": [...]}`` with the labels listed by
+    increasing coordinate along ``a``; ``ascending`` says whether label values increase along
+    the axis (for a non-monotonic numbering: for at least half of the pairs). None when no axis
+    is consistent, or when no map shows two structures.
+    """
+    maps = []
+    for array in label_arrays:
+        array = np.asarray(array)
+        if array.size == 0:
+            continue
+        if not np.issubdtype(array.dtype, np.integer):
+            if not np.all(np.mod(array, 1) == 0):
+                raise ValueError("label maps must hold integer values")
+        array = array.astype(np.int64)
+        if array.min() < 0:
+            raise ValueError("label maps must hold non-negative values")
+        maps.append(array)
+    if not maps:
+        return None
+    if len({array.ndim for array in maps}) != 1:
+        raise ValueError("label maps must all have the same number of dimensions")
+    best = None
+    for axis in range(maps[0].ndim):
+        found = _order_along(maps, axis, min_separation)
+        if found is not None and (best is None or found[1] > best[2]):
+            best = (axis, found[0], found[1])
+    if best is None:
+        return None
+    axis, labels, _ = best
+    return {"axis": axis, "ascending": _mostly_ascending(labels), "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# One label per object
+# ---------------------------------------------------------------------------------------------
+
+def _summed_probabilities(probabilities: np.ndarray, ids: np.ndarray, n_ids: int) -> np.ndarray:
+    """(n_ids + 1, channels) sums of each channel's probability over the voxels of each id.
+
+    Row 0 (background) and column 0 stay 0; only voxels with an id are visited.
+    """
+    voxels = np.flatnonzero(ids)
+    voxel_ids = ids.ravel()[voxels]
+    sums = np.zeros((n_ids + 1, probabilities.shape[0]))
+    for channel in range(1, probabilities.shape[0]):
+        sums[:, channel] = np.bincount(voxel_ids, weights=probabilities[channel].ravel()[voxels],
+                                       minlength=n_ids + 1)
+    return sums
+
+
+def _largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected piece of ``mask`` (empty when ``mask`` is)."""
+    pieces, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return pieces == sizes.argmax()
+
+
+def _split_spanning(probabilities, ids, sizes, sums, span_ratio, span_min_part, fragment_fraction):
+    """Split, in place in ``ids``, the components spanning two structures (span rule).
+
+    Returns ``sizes`` and ``sums`` extended with one row per new part (and reduced for the
+    components that lost it). Only components of at least ``fragment_fraction`` of the largest
+    one are considered.
+    """
+    if probabilities.shape[0] < 3:
+        return sizes, sums
+    ranked = np.argsort(-sums[:, 1:], axis=1, kind="stable") + 1
+    best, second = ranked[:, 0], ranked[:, 1]
+    rows = np.arange(len(sizes))
+    candidates = np.flatnonzero((sums[rows, second] >= span_ratio * sums[rows, best])
+                                & (sums[rows, best] > 0)
+                                & (sizes >= max(fragment_fraction * sizes[1:].max(), 2)))
+    candidates = candidates[candidates > 0]
+    if candidates.size == 0:
+        return sizes, sums
+    lookup = np.zeros(len(sizes), dtype=np.int32)  # bounding boxes of the candidates only
+    lookup[candidates] = np.arange(1, candidates.size + 1)
+    boxes = ndimage.find_objects(lookup[ids])
+    new_sizes, new_sums = [], []
+    for component, box in zip(candidates, boxes):
+        inside = ids[box] == component
+        best_side = inside & (probabilities[best[component]][box] >= probabilities[second[component]][box])
+        second_side = inside & ~best_side
+        best_core, second_core = _largest_piece(best_side), _largest_piece(second_side)
+        needed = span_min_part * sizes[component]
+        if best_core.sum() < needed or second_core.sum() < needed:
+            continue
+        # Each structure keeps its largest piece; stray pieces go to the other structure.
+        new_part = second_core | (best_side & ~best_core)
+        ids[box][new_part] = len(sizes) + len(new_sizes)
+        part_sums = probabilities[(slice(None),) + box][:, new_part].sum(axis=1, dtype=np.float64)
+        part_sums[0] = 0.0
+        new_sizes.append(int(new_part.sum()))
+        new_sums.append(part_sums)
+        sizes[component] -= new_sizes[-1]
+        sums[component] -= part_sums
+    if not new_sizes:
+        return sizes, sums
+    return np.concatenate([sizes, new_sizes]), np.vstack([sums, new_sums])
+
+
+def _extent_along(ids: np.ndarray, axis: int, n_ids: int):
+    """(first, last) index along ``axis`` of every id (-1 for ids absent)."""
+    first = np.full(n_ids + 1, -1, dtype=np.int64)
+    last = np.full(n_ids + 1, -1, dtype=np.int64)
+    n_positions = ids.shape[axis]
+    for position in range(n_positions):
+        last[np.take(ids, position, axis=axis)] = position
+        first[np.take(ids, n_positions - 1 - position, axis=axis)] = n_positions - 1 - position
+    return first, last
+
+
+def _increasing_assignment(scores: np.ndarray) -> list[int]:
+    """Strictly increasing column per row maximising the total score (rows <= columns)."""
+    n_rows, n_columns = scores.shape
+    total = np.full((n_rows, n_columns), -np.inf)
+    previous = np.zeros((n_rows, n_columns), dtype=np.int64)
+    total[0] = scores[0]
+    for row in range(1, n_rows):
+        best_before, best_column = -np.inf, -1
+        for column in range(1, n_columns):
+            if total[row - 1, column - 1] > best_before:
+                best_before, best_column = total[row - 1, column - 1], column - 1
+            if best_column >= 0:
+                total[row, column] = scores[row, column] + best_before
+                previous[row, column] = best_column
+    columns = [int(np.argmax(total[-1]))]
+    for row in range(n_rows - 1, 0, -1):
+        columns.append(int(previous[row, columns[-1]]))
+    return columns[::-1]
+
+
+def _fragment_positions(fragments, structures, structure_positions, first, last, sizes, sums,
+                        sequence):
+    """Position in ``sequence`` of each fragment: joined, free label, or nearer neighbour."""
+    f_first, f_last = first[fragments][:, None], last[fragments][:, None]
+    s_first, s_last = first[structures][None], last[structures][None]
+    positions = structure_positions[None]
+    overlap = np.minimum(f_last, s_last) - np.maximum(f_first, s_first) + 1
+    # Most overlap wins; between equal overlaps, the larger structure (fraction < 1 breaks ties).
+    host = np.argmax(overlap + 0.5 * sizes[structures][None] / sizes.max(), axis=1)
+    joined = overlap.max(axis=1) > 0
+
+    below, above = s_last < f_first, s_first > f_last
+    free_first = np.where(below, positions, -1).max(axis=1) + 1
+    free_last = np.where(above, positions, len(sequence)).min(axis=1) - 1
+    columns = np.arange(len(sequence))[None]
+    is_free = (columns >= free_first[:, None]) & (columns <= free_last[:, None])
+    free_choice = np.argmax(np.where(is_free, sums[np.ix_(fragments, sequence)], -np.inf), axis=1)
+
+    gap_below = np.where(below, f_first - s_last, np.inf)
+    gap_above = np.where(above, s_first - f_last, np.inf)
+    nearer = np.where(gap_below.min(axis=1) <= gap_above.min(axis=1),
+                      structure_positions[np.argmin(gap_below, axis=1)],
+                      structure_positions[np.argmin(gap_above, axis=1)])
+    return np.where(joined, structure_positions[host],
+                    np.where(free_first <= free_last, free_choice, nearer))
+
+
+def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction) -> None:
+    """Relabel, in place in ``part_label``, the parts whose label is in ``order`` (see rule)."""
+    n_ids, n_channels = len(sizes) - 1, sums.shape[1]
+    sequence = []
+    for value in order["labels"]:
+        if 1 <= int(value) < n_channels and int(value) not in sequence:
+            sequence.append(int(value))
+    axis = int(order["axis"])
+    if not sequence or not 0 <= axis < ids.ndim:
+        raise ValueError(f"order {order} does not fit probabilities with {n_channels} channels")
+    sequence = np.array(sequence)
+    position_of = np.full(n_channels, -1)
+    position_of[sequence] = np.arange(len(sequence))
+    ordered = np.flatnonzero((position_of[part_label] >= 0) & (sizes > 0))
+    if ordered.size == 0:
+        return
+
+    shape = [1] * ids.ndim
+    shape[axis] = ids.shape[axis]
+    coordinate = np.broadcast_to(np.arange(ids.shape[axis], dtype=np.float32).reshape(shape), ids.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroid = np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=n_ids + 1) / sizes
+
+    large = ordered[sizes[ordered] >= fragment_fraction * sizes[ordered].max()]
+    large = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]  # surplus: fragments
+    structures = large[np.argsort(centroid[large], kind="stable")]
+    structure_positions = np.array(_increasing_assignment(sums[np.ix_(structures, sequence)]))
+    part_label[structures] = sequence[structure_positions]
+
+    fragments = np.setdiff1d(ordered, structures)
+    if fragments.size:
+        first, last = _extent_along(ids, axis, n_ids)
+        part_label[fragments] = sequence[_fragment_positions(
+            fragments, structures, structure_positions, first, last, sizes, sums, sequence)]
+
+
+def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_voxels: int = 0, *,
+                      span_ratio: float = SPAN_RATIO, span_min_part: float = SPAN_MIN_PART,
+                      fragment_fraction: float = FRAGMENT_FRACTION) -> np.ndarray:
+    """uint8 label map (z, y, x) with one structure label per 3D object.
+
+    ``probabilities``: (K+1, z, y, x), channel 0 background. Steps:
+
+    1. Objects: face-connected (6-neighbour) components of the foreground (argmax != 0);
+       components smaller than ``min_voxels`` become background and play no further part.
+    2. Span rule: a component of at least ``fragment_fraction`` of the largest one is split when
+       its summed probability for its second-best structure is at least ``span_ratio`` (0.35)
+       of its best one AND, choosing voxel by voxel the more probable of those two structures,
+       each of the two holds a face-connected piece of at least ``span_min_part`` (20 %) of the
+       component. Each structure then keeps its largest piece plus the other's stray pieces
+       (one part per structure). A level flipping from slice to slice does not split: its
+       pieces are single slices.
+    3. Each component or part takes the structure with the largest summed probability over its
+       voxels.
+    4. With ``order`` (from ``detect_structure_order``; only "axis" and "labels" are read),
+       parts whose label from step 3 is in ``order["labels"]`` are relabelled (the others keep
+       it). Structures (parts of at least ``fragment_fraction``
+       of the largest such part, at most as many as labels, the largest kept) are sorted by
+       centroid along ``order["axis"]`` and take strictly increasing positions in
+       ``order["labels"]`` maximising the total SUMMED PROBABILITY (not log-probability, which
+       a few near-zero voxels would dominate), by dynamic programming over (part, label): a
+       label may stay unused (missing level), no two structures share one. Smaller fragments
+       are not forced into the sequence: one whose extent along the axis overlaps a
+       structure's joins (takes the label of) the structure it overlaps most; otherwise it takes
+       its most probable label among those free between its neighbouring structures' labels,
+       or, when none is free, joins the nearer neighbour. Fragments may thus share a label.
+    """
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 4:
+        raise ValueError(f"probabilities must be (channels, z, y, x), got shape {probabilities.shape}")
+    n_channels = probabilities.shape[0]
+    if n_channels > 256:
+        raise ValueError(f"{n_channels} channels do not fit a uint8 label map")
+    if n_channels < 2:
+        return np.zeros(probabilities.shape[1:], np.uint8)
+
+    foreground = probabilities.argmax(axis=0) != 0
+    ids, n_ids = ndimage.label(foreground)
+    if n_ids == 0:
+        return np.zeros(probabilities.shape[1:], np.uint8)
+    sizes = np.bincount(ids.ravel(), minlength=n_ids + 1)
+    too_small = sizes < max(int(min_voxels), 1)
+    too_small[0] = False
+    if too_small.any():
+        ids[too_small[ids]] = 0
+        sizes[too_small] = 0
+    sums = _summed_probabilities(probabilities, ids, n_ids)
+    sizes, sums = _split_spanning(probabilities, ids, sizes, sums, span_ratio, span_min_part,
+                                  fragment_fraction)
+
+    part_label = np.argmax(sums[:, 1:], axis=1) + 1
+    part_label[sizes <= 0] = 0
+    part_label[0] = 0
+    if order is not None:
+        _order_labels(part_label, ids, sizes, sums, order, fragment_fraction)
+    return part_label.astype(np.uint8)[ids]

@@ -1,0 +1,241 @@
+"""One structure label per 3D object, in anatomical order: hand-built probability volumes."""
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ExtremeAugLogic.inference.structure_order import assign_structures, detect_structure_order
+
+N_LEVELS = 5
+ORDER = {"axis": 0, "ascending": True, "labels": [1, 2, 3, 4, 5]}
+
+
+def stacked_boxes(levels=(1, 2, 3, 4, 5), shape=(40, 16, 16), thickness=6, gap=2, start=1):
+    """Label map with one box per entry of ``levels`` stacked along axis 0 (0 = no box there)."""
+    labels = np.zeros(shape, np.uint8)
+    for position, level in enumerate(levels):
+        z0 = start + position * (thickness + gap)
+        labels[z0:z0 + thickness, 3:13, 3:13] = level
+    return labels
+
+
+def box_slices(position, thickness=6, gap=2, start=1):
+    """Index of box ``position`` in a ``stacked_boxes`` map."""
+    z0 = start + position * (thickness + gap)
+    return np.s_[z0:z0 + thickness, 3:13, 3:13]
+
+
+def soft_probabilities(labels, n_levels=N_LEVELS, sigma=0.5, sharpness=6.0):
+    """(n_levels + 1, z, y, x) float32: softmax of a smoothed one-hot of ``labels``."""
+    onehot = np.stack([labels == k for k in range(n_levels + 1)]).astype(np.float32)
+    logits = sharpness * ndimage.gaussian_filter(onehot, sigma=(0, sigma, sigma, sigma))
+    exp = np.exp(logits - logits.max(axis=0))
+    return (exp / exp.sum(axis=0)).astype(np.float32)
+
+
+def set_probabilities(probabilities, index, values):
+    """Give the voxels at ``index`` the channel probabilities ``values`` ({channel: p}, rest 0)."""
+    for channel in range(probabilities.shape[0]):
+        probabilities[(channel,) + index] = values.get(channel, 0.0)
+
+
+def test_soft_volume_is_the_plain_argmax():
+    labels = stacked_boxes()
+    probabilities = soft_probabilities(labels)
+    assert np.array_equal(probabilities.argmax(0), labels)  # the helper itself is sound
+    out = assign_structures(probabilities)
+    assert out.dtype == np.uint8 and out.shape == labels.shape
+    assert np.array_equal(out, labels)
+    assert np.array_equal(assign_structures(probabilities, ORDER), labels)
+
+
+def test_level_flipping_slice_to_slice_gets_one_label():
+    labels = stacked_boxes()
+    probabilities = soft_probabilities(labels)
+    z, y, x = box_slices(1)
+    for offset, sl in enumerate(range(z.start, z.stop)):
+        if offset % 2:  # every other slice says L3 by a little
+            set_probabilities(probabilities, (sl, y, x), {2: 0.44, 3: 0.51, 0: 0.05})
+        else:
+            set_probabilities(probabilities, (sl, y, x), {2: 0.56, 3: 0.39, 0: 0.05})
+    flipped = probabilities.argmax(0)[box_slices(1)]
+    assert set(np.unique(flipped)) == {2, 3}  # the voxel argmax changes level
+    for order in (None, ORDER):
+        out = assign_structures(probabilities, order)
+        assert np.all(out[box_slices(1)] == 2)
+        assert np.array_equal(out, labels)
+
+
+def test_component_spanning_two_levels_is_split():
+    labels = stacked_boxes()
+    labels[box_slices(1)[0].stop:box_slices(2)[0].start, 3:13, 3:13] = 2  # L2 now touches L3
+    probabilities = soft_probabilities(labels)
+    component, count = ndimage.label(probabilities.argmax(0) != 0)
+    assert count == 4  # L2 and L3 form one component
+    for order in (None, ORDER):
+        out = assign_structures(probabilities, order)
+        assert np.array_equal(out, labels)
+    # Without the span rule (threshold above 1) the joined component takes one label.
+    out = assign_structures(probabilities, span_ratio=1.01)
+    joined = component == component[box_slices(1)][0, 0, 0]
+    assert len(np.unique(out[joined])) == 1
+
+
+def test_small_second_level_does_not_split():
+    labels = stacked_boxes()
+    cap = box_slices(1)[0].stop - 1  # the last slice of the L2 box says L3: 1/6 of it
+    labels[cap, 3:13, 3:13] = 3
+    probabilities = soft_probabilities(labels)
+    out = assign_structures(probabilities)
+    assert np.all(out[box_slices(1)] == 2) and np.all(out[cap, 3:13, 3:13] == 2)
+
+
+def test_missing_level_does_not_shift_the_others():
+    labels = stacked_boxes(levels=(1, 2, 0, 4, 5))
+    probabilities = soft_probabilities(labels)
+    for order in (None, ORDER):
+        out = assign_structures(probabilities, order)
+        assert np.array_equal(out, labels)
+        assert 3 not in out
+
+
+def test_level_out_of_order_is_fixed_by_the_order():
+    labels = stacked_boxes()
+    probabilities = soft_probabilities(labels)
+    set_probabilities(probabilities, box_slices(1), {3: 0.6, 2: 0.35, 0: 0.05})  # L2 box says L3
+    unordered = assign_structures(probabilities)
+    assert np.all(unordered[box_slices(1)] == 3)  # per-component best label
+    ordered = assign_structures(probabilities, ORDER)
+    assert np.array_equal(ordered, labels)  # L2 back, L3..L5 not shifted
+
+
+def test_first_level_mislabelled_does_not_shift_the_rest():
+    labels = stacked_boxes(levels=(1, 2, 3, 4, 0))
+    probabilities = soft_probabilities(labels)
+    set_probabilities(probabilities, box_slices(0), {2: 0.5, 1: 0.45, 0: 0.05})  # L1 box says L2
+    assert np.array_equal(assign_structures(probabilities, ORDER), labels)
+
+
+def test_descending_order_is_respected():
+    labels = stacked_boxes(levels=(5, 4, 3, 2, 1))
+    probabilities = soft_probabilities(labels)
+    set_probabilities(probabilities, box_slices(3), {4: 0.6, 2: 0.35, 0: 0.05})  # L2 box says L4
+    order = {"axis": 0, "ascending": False, "labels": [5, 4, 3, 2, 1]}
+    assert np.array_equal(assign_structures(probabilities, order), labels)
+    assert np.all(assign_structures(probabilities)[box_slices(3)] == 4)
+
+
+def test_fragment_joins_the_structure_it_overlaps_most_or_drops_with_min_voxels():
+    labels = stacked_boxes()
+    probabilities = soft_probabilities(labels)
+    fragment = np.s_[21:26, 14:16, 14:16]  # beside L3 (2 slices of overlap) and L4 (1), says L4
+    set_probabilities(probabilities, fragment, {4: 0.9, 0: 0.1})
+    assert np.all(assign_structures(probabilities)[fragment] == 4)
+    ordered = assign_structures(probabilities, ORDER)
+    assert np.all(ordered[fragment] == 3)
+    assert np.array_equal(np.where(ordered == 3, 0, ordered), np.where(labels == 3, 0, labels))
+    dropped = assign_structures(probabilities, ORDER, min_voxels=25)
+    assert np.array_equal(dropped, labels)
+
+
+def test_fragment_between_structures_takes_a_free_label_or_the_nearer_neighbour():
+    labels = stacked_boxes(levels=(1, 2, 3, 4, 0))
+    probabilities = soft_probabilities(labels)
+    beyond = np.s_[34:36, 14:16, 14:16]  # past L4, says L4: L5 is the only free label there
+    between = np.s_[15:16, 14:16, 14:16]  # between L2 and L3 (nearer L2), says L5: none free
+    set_probabilities(probabilities, beyond, {4: 0.9, 0: 0.1})
+    set_probabilities(probabilities, between, {5: 0.9, 0: 0.1})
+    unordered = assign_structures(probabilities)
+    assert np.all(unordered[beyond] == 4) and np.all(unordered[between] == 5)
+    ordered = assign_structures(probabilities, ORDER)
+    assert np.all(ordered[beyond] == 5) and np.all(ordered[between] == 2)
+    assert np.array_equal(ordered[labels > 0], labels[labels > 0])
+
+
+def test_labels_outside_the_order_keep_their_best_label():
+    labels = stacked_boxes()
+    probabilities = soft_probabilities(labels)
+    set_probabilities(probabilities, box_slices(1), {3: 0.6, 2: 0.35, 0: 0.05})  # L2 box says L3
+    order = {"axis": 0, "ascending": True, "labels": [1, 2, 3, 4]}  # L5 is not ordered
+    out = assign_structures(probabilities, order)
+    assert np.array_equal(out, labels)
+    reversed_order = {"axis": 0, "ascending": False, "labels": [5, 4]}  # L1..L3 untouched
+    out = assign_structures(probabilities, reversed_order)
+    assert np.all(out[box_slices(1)] == 3)
+    assert np.all(out[box_slices(3)] == 5) and np.all(out[box_slices(4)] == 4)
+
+
+def test_empty_prediction_gives_zeros():
+    probabilities = np.zeros((N_LEVELS + 1, 40, 16, 16), np.float32)
+    probabilities[0] = 1.0
+    for order in (None, ORDER):
+        out = assign_structures(probabilities, order, min_voxels=5)
+        assert out.dtype == np.uint8 and out.shape == (40, 16, 16) and not out.any()
+
+
+def test_detect_order_finds_axis_0_for_stacked_boxes():
+    maps = [stacked_boxes(), stacked_boxes(levels=(0, 2, 3, 4, 5), start=3),
+            stacked_boxes(levels=(1, 2, 3), shape=(30, 16, 16))]
+    assert detect_structure_order(maps) == {"axis": 0, "ascending": True, "labels": [1, 2, 3, 4, 5]}
+    flipped = [m[::-1] for m in maps]
+    assert detect_structure_order(flipped) == {"axis": 0, "ascending": False, "labels": [5, 4, 3, 2, 1]}
+    assert detect_structure_order([np.moveaxis(m, 0, 2) for m in maps])["axis"] == 2
+
+
+def diagonal_boxes(drift):
+    """Boxes 6 thick every 8 voxels along axis 0, 3 wide every ``drift`` voxels along axis 2."""
+    labels = np.zeros((40, 16, 32), np.uint8)
+    for level in range(1, 6):
+        z0, x0 = 1 + (level - 1) * 8, 1 + (level - 1) * drift
+        labels[z0:z0 + 6, 3:13, x0:x0 + 3] = level
+    return labels
+
+
+def test_detect_order_prefers_the_best_separated_axis():
+    # Both axes order the boxes; separation gap / (sd_a + sd_b) is 2.3 along axis 0, and 1.2
+    # or 3.7 along axis 2.
+    assert detect_structure_order([diagonal_boxes(2)])["axis"] == 0
+    assert detect_structure_order([diagonal_boxes(6)]) == {"axis": 2, "ascending": True,
+                                                           "labels": [1, 2, 3, 4, 5]}
+
+
+def test_detect_order_rejects_inconsistent_maps_and_single_structures():
+    swapped = stacked_boxes(levels=(1, 3, 2, 4, 5))
+    assert detect_structure_order([stacked_boxes(), swapped]) is None
+    assert detect_structure_order([stacked_boxes(levels=(0, 0, 3, 0, 0))]) is None
+    one_each = [stacked_boxes(levels=(1,)), stacked_boxes(levels=(0, 2))]
+    assert detect_structure_order(one_each) is None  # no map shows two structures
+    assert detect_structure_order([np.zeros((8, 8, 8), np.uint8)]) is None
+    nested = np.zeros((20, 16, 16), np.uint8)  # centroids apart, but overlapping along every axis
+    nested[2:18, 2:14, 2:14] = 1
+    nested[11:15, 9:13, 9:13] = 2
+    assert detect_structure_order([nested]) is None
+
+
+def test_large_volume_is_fast():
+    rng = np.random.default_rng(0)
+    shape = (77, 224, 224)
+    labels = np.zeros(shape, np.uint8)
+    for level in range(1, 6):
+        z0 = 2 + (level - 1) * 15
+        labels[z0:z0 + 12, 60:160, 70:150] = level
+    logits = rng.normal(0.0, 0.5, (6,) + shape).astype(np.float32)
+    for channel in range(6):
+        logits[channel] += 4.0 * (labels == channel)
+    probabilities = np.exp(logits)
+    probabilities /= probabilities.sum(axis=0)
+    start = time.perf_counter()
+    out = assign_structures(probabilities, ORDER, min_voxels=50)
+    elapsed = time.perf_counter() - start
+    assert out.dtype == np.uint8 and out.shape == shape
+    assert elapsed < 3.0, f"{elapsed:.2f} s"
+    inside = labels > 0
+    assert np.mean(out[inside] == labels[inside]) > 0.99
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 4)), np.zeros((2, 3, 4, 4, 4))])
+def test_probabilities_must_be_channels_first_3d(bad):
+    with pytest.raises(ValueError):
+        assign_structures(bad)
