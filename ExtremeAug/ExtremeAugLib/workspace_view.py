@@ -25,13 +25,18 @@ def isWorkspace(workspace):
     return bool(workspace) and manifestPath(workspace).is_file()
 
 
-def readManifest(workspace):
-    """The manifest as a dict; {} when missing, unreadable or refused by the workspace rules."""
+def _rawManifest(workspace):
     try:
         data = json.loads(manifestPath(workspace).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or manifestProblem(workspace, data):
+    return data if isinstance(data, dict) else {}
+
+
+def readManifest(workspace):
+    """The manifest as a dict; {} when missing, unreadable or refused by the workspace rules."""
+    data = _rawManifest(workspace)
+    if not data or manifestProblem(workspace, data):
         return {}
     return data
 
@@ -106,7 +111,9 @@ def versionRows(workspace):
 def newCaseId(workspace, baseName):
     """A safe case id from ``baseName`` (e.g. the volume's name), unique in the workspace."""
     stem = contract.safe_name_stem(baseName, MAX_CASE_ID_LENGTH - 4) or "case"
-    taken = {cid.lower() for cid in caseIds(workspace)}
+    # every id the file holds is taken, even in a manifest the rules refuse: ids are only compared here
+    cases = _rawManifest(workspace).get("cases")
+    taken = {str(c.get("id")).lower() for c in (cases if isinstance(cases, list) else []) if isinstance(c, dict)}
     candidate, number = stem, 1
     while candidate.lower() in taken:
         number += 1
