@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="MRI")
     p.add_argument("--names", help="structure names as JSON, e.g. '{\"1\": \"L1\"}', or a JSON file")
 
-    p = sub.add_parser("add", help="add a delineated or corrected scan to the training set")
+    p = sub.add_parser("add", help="add a delineated or corrected scan to the training set, "
+                                   "or a scan without a label to the worklist")
     p.add_argument("workspace")
     p.add_argument("--image", required=True)
-    p.add_argument("--label", required=True)
+    p.add_argument("--label", help="its delineation; without it the scan joins the worklist, and adding its "
+                                   "label later (same --case-id) moves it into the training set")
     p.add_argument("--case-id")
     p.add_argument("--corrected-from", help="the unedited prediction this label was corrected from")
     p.add_argument("--split", choices=("auto", "train", "validation"), default="auto")
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="vN, best (default) or latest")
     p.add_argument("--device", default="auto")
     p.add_argument("--tta", action="store_true", help="average with flipped predictions")
+    p.add_argument("--objects", choices=("off", "per-object", "ordered"), default=None,
+                   help="one structure label per connected object (per-object), also in anatomical order "
+                        "(ordered), or voxel by voxel (off); default: the model's setting")
     p.add_argument("--min-component-fraction", type=float, default=None,
                    help="drop components smaller than this fraction of a structure's largest (0 = keep all)")
 
@@ -162,6 +167,14 @@ def cmd_add(args) -> int:
     from ExtremeAugLogic.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
+    if args.label is None:
+        if args.corrected_from:
+            raise InputError("--corrected-from: give the corrected label with --label too")
+        if args.split != "auto":
+            raise InputError(f"--split {args.split}: a scan without a label goes to the worklist; add --label")
+        case = ws.add_to_worklist(args.image, case_id=args.case_id)
+        print(f"added {case['id']} to the worklist ({len(ws.worklist_cases())} scan(s) without a label)")
+        return
     case = ws.add_case(args.image, args.label, case_id=args.case_id, corrected_from=args.corrected_from,
                        structure_names=parse_names(args.names), split=args.split)
     extra = ""
@@ -194,7 +207,7 @@ def cmd_predict(args) -> int:
 
     fraction = DEFAULT_MIN_COMPONENT_FRACTION if args.min_component_fraction is None else args.min_component_fraction
     result = predict_file(Workspace.open(args.workspace), args.image, args.output, version=args.version,
-                          device=args.device, tta=args.tta, min_component_fraction=fraction)
+                          device=args.device, tta=args.tta, min_component_fraction=fraction, objects=args.objects)
     print(f"wrote {result['output']} with model {result['version']}: "
           f"{', '.join(result['structures_found']) or 'nothing found'}")
 
@@ -216,7 +229,9 @@ def cmd_status(args) -> int:
         print(f"training: {state.get('phase')} {state.get('version') or ''} it {state.get('iteration')}/"
               f"{state.get('total')} loss {state.get('loss')} val Dice {state.get('val_dice')} "
               f"ETA {format_eta(state.get('eta_s'))} {state.get('error') or ''}")
-    print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation")
+    worklist = [c["id"] for c in ws.worklist_cases()]
+    print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation, "
+          f"{len(worklist)} in the worklist{' (' + ', '.join(worklist) + ')' if worklist else ''}")
     best = ws.best_version()
     for v in ws.versions():
         dice = (v.get("val_scores") or {}).get("mean_dice")

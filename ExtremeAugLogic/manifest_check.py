@@ -312,7 +312,10 @@ _COMMON_CONFIG_CHECKS: dict[str, Check] = {
     f"must be one of {', '.join(contract.MODEL_KINDS)}, got {_shown(v)}",
     "num_classes": lambda v: _int(v) or (None if v >= 2 else f"must be 2 or more, got {v}"),
     "settings": _dict,
+    "structure_order": _optional(_dict),
 }
+# Keys a config may lack (written by newer engines; older versions still open).
+_OPTIONAL_CONFIG_KEYS = ("structure_order",)
 _CONFIG_CHECKS_BY_KIND: dict[str, dict[str, Check]] = {
     "2d": {
         "template": _optional(_list_of(_number)),
@@ -363,8 +366,12 @@ def check_version_config(config: dict, config_path, allowed_dirs=()) -> dict:
         if key not in checks:
             fail(str(key), f"unknown key for a {config['kind']} model (expected {', '.join(checks)})")
     for key in checks:
-        if key not in config:
+        if key not in config and key not in _OPTIONAL_CONFIG_KEYS:
             fail(key, "is missing")
+    order = config.get("structure_order")
+    if order is not None and (set(order) != {"axis", "ascending", "labels"} or _int(order["axis"])
+                              or not isinstance(order["ascending"], bool) or _list_of(_int)(order["labels"])):
+        fail("structure_order", "must be {axis: int, ascending: bool, labels: [int, ...]}")
     _check_fields(config, checks, "", fail)
     where = _non_finite_number(config, "")
     if where:

@@ -24,7 +24,7 @@ def require_data(folder: str) -> Path:
 
 def machine() -> str:
     """One line naming the machine the figures come from (the engine's own description)."""
-    from ExtremeAugLogic.experiment import machine_description
+    from ExtremeAugLogic.experiments.grid import machine_description
 
     return machine_description()
 
@@ -60,10 +60,9 @@ def run_measured_child(cmd: list, log_path: Path) -> dict:
     """Run a command to its end with its output in ``log_path``; wall time and the peak resident
     memory of that one child (MiB, its VmHWM polled by the engine's ``run_measured``).
     Raises RuntimeError with the log's tail if it fails."""
-    from ExtremeAugLogic.experiment import child_env, run_measured
+    from ExtremeAugLogic.experiments.machine import run_measured
 
-    run = run_measured([str(c) for c in cmd], Path(log_path), env=child_env())
+    run = run_measured([str(c) for c in cmd], Path(log_path))
     if run["returncode"] != 0:
-        tail = Path(log_path).read_text(errors="replace").strip()[-2000:]
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {run['returncode']}): {tail}")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {run['returncode']}): {run['error']}")
     return run

@@ -46,9 +46,11 @@ def initCommand(pythonExecutable, workspace):
 
 
 def addCommand(pythonExecutable, workspace, image, label, caseId=None, correctedFrom=None, names=None):
-    """``add``: one delineated or corrected scan; ``names`` maps label value -> structure name."""
-    args = baseCommand(pythonExecutable) + ["add", os.fspath(workspace),
-                                            "--image", os.fspath(image), "--label", os.fspath(label)]
+    """``add``: one delineated or corrected scan (``label`` None: a scan for the worklist);
+    ``names`` maps label value -> structure name."""
+    args = baseCommand(pythonExecutable) + ["add", os.fspath(workspace), "--image", os.fspath(image)]
+    if label is not None:
+        args += ["--label", os.fspath(label)]
     if caseId:
         args += ["--case-id", str(caseId)]
     if correctedFrom:

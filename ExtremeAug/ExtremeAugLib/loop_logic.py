@@ -31,6 +31,7 @@ SOURCE_VOLUME_ATTRIBUTE = "ExtremeAug.SourceVolumeID"
 MODEL_VERSION_ATTRIBUTE = "ExtremeAug.ModelVersion"
 CASE_ID_ATTRIBUTE = "ExtremeAug.CaseID"
 WORKSPACE_ATTRIBUTE = "ExtremeAug.Workspace"
+WORKLIST_ATTRIBUTE = "ExtremeAug.WorklistCaseID"
 LOG_FOLDER = "logs"
 
 
@@ -143,6 +144,37 @@ class LoopLogic:
                              "use 'Add as training scan' instead.")
         return self._addCase(volumeNode, segmentationNode, caseId=None, correctedFrom=Path(predictionFile))
 
+    def addToWorklist(self, volumeNode, caseId=None):
+        """Add a scan without a segmentation to the workspace's worklist; returns its case id.
+
+        Delineating it later (``addTrainingScan`` on the same volume) moves it into the
+        training set under the same case id.
+        """
+        if volumeNode is None:
+            raise ValueError("Select the scan to add to the worklist first.")
+        workspace = self._requireWorkspace()
+        if volumeNode.GetAttribute(WORKLIST_ATTRIBUTE) and volumeNode.GetAttribute(WORKSPACE_ATTRIBUTE) == str(workspace):
+            raise ValueError(f"'{volumeNode.GetName()}' is already in the worklist as "
+                             f"{volumeNode.GetAttribute(WORKLIST_ATTRIBUTE)}.")
+        workspace = self.ensureWorkspace()
+        caseId = caseId or workspace_view.newCaseId(workspace, volumeNode.GetName())
+        folder = self._newTempFolder("worklist-")
+        try:
+            imagePath = folder / "image.nii.gz"
+            sitk.WriteImage(mrml_bridge.volumeNodeToImage(volumeNode), str(imagePath), True)
+            self._runEngine(engine_cli.addCommand(self.pythonExecutable, workspace, imagePath, None, caseId=caseId))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        volumeNode.SetAttribute(WORKLIST_ATTRIBUTE, caseId)
+        volumeNode.SetAttribute(WORKSPACE_ATTRIBUTE, str(workspace))
+        self.log(f"Added '{volumeNode.GetName()}' to the worklist as {caseId}")
+        return caseId
+
+    def worklist(self):
+        """The case ids of the workspace's scans without a label, oldest first."""
+        return [c.get("id") for c in workspace_view.cases(self.workspace) if c.get("split") == "worklist"] \
+            if self.workspace else []
+
     def _addCase(self, volumeNode, segmentationNode, caseId, correctedFrom):
         """Write scan and label, run the engine's ``add``: ``(caseId, changedVoxels or None)``."""
         workspace = self._requireWorkspace()
@@ -153,6 +185,9 @@ class LoopLogic:
         if correctedFrom is not None:
             changed = mrml_bridge.countChangedVoxels(sitk.ReadImage(str(correctedFrom)), label)
         workspace = self.ensureWorkspace()
+        waiting = volumeNode.GetAttribute(WORKLIST_ATTRIBUTE)
+        if not caseId and waiting and volumeNode.GetAttribute(WORKSPACE_ATTRIBUTE) == str(workspace):
+            caseId = waiting  # a worklist scan, now delineated: it keeps its case id
         caseId = caseId or workspace_view.newCaseId(workspace, volumeNode.GetName())
         folder = self._newTempFolder("add-")
         try:
@@ -163,6 +198,7 @@ class LoopLogic:
                                                   caseId=caseId, correctedFrom=correctedFrom, names=names))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        volumeNode.RemoveAttribute(WORKLIST_ATTRIBUTE)
         for node in (volumeNode, segmentationNode):
             node.SetAttribute(CASE_ID_ATTRIBUTE, caseId)
             node.SetAttribute(WORKSPACE_ATTRIBUTE, str(workspace))

@@ -20,6 +20,7 @@ from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.inference.postprocess import DEFAULT_MIN_COMPONENT_FRACTION, remove_specks
+from ExtremeAugLogic.inference.structure_order import assign_structures
 from ExtremeAugLogic.recipes.base import RecipeConfig
 from ExtremeAugLogic.recipes.registry import make_recipe
 from ExtremeAugLogic.workspace import atomic, imageio
@@ -72,13 +73,35 @@ def load_model(workspace, version: str | None, device: str):
     return recipe, config, model.to(device).eval(), name
 
 
+OBJECT_RULES = ("off", "per-object", "ordered")
+
+
+def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: str | None = None,
+                              min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION) -> np.ndarray:
+    """The label map (uint8) from class probabilities (K+1, z, y, x).
+
+    ``objects`` (default: the model's ``objects`` setting, else "off"): "off" is the voxel-wise
+    argmax; "per-object" gives each connected 3D object one structure label; "ordered" also
+    keeps the structures in the anatomical order the training labels showed (the config's
+    ``structure_order``; per object alone when the labels showed none). Specks are removed last.
+    """
+    objects = objects or config["settings"].get("objects", "off")
+    if objects not in OBJECT_RULES:
+        raise InputError(f"objects {objects!r}: must be one of {', '.join(OBJECT_RULES)}")
+    if objects == "off":
+        labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+    else:
+        order = config.get("structure_order") if objects == "ordered" else None
+        labels = assign_structures(probabilities, order)
+    return remove_specks(labels, min_component_fraction)
+
+
 def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, tta: bool = False,
                   min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-                  progress=None) -> np.ndarray:
+                  progress=None, objects: str | None = None) -> np.ndarray:
     """Label array (numpy order, uint8) for ``image``."""
     probabilities = recipe.predict_probabilities(model, config, image, device, tta=tta, progress=progress)
-    labels = np.argmax(probabilities, axis=0).astype(np.uint8)
-    return remove_specks(labels, min_component_fraction)
+    return labels_from_probabilities(probabilities, config, objects, min_component_fraction)
 
 
 def to_label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -90,7 +113,7 @@ def to_label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def predict_file(workspace, image_path, output_path, version: str | None = None, device: str = "auto",
                  tta: bool = False, min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-                 progress=None) -> dict:
+                 progress=None, objects: str | None = None) -> dict:
     """Predict ``image_path`` with a workspace model and write the label map to ``output_path``."""
     output_path = Path(output_path)
     if output_path.exists() and output_path.is_dir():
@@ -98,7 +121,7 @@ def predict_file(workspace, image_path, output_path, version: str | None = None,
     image = imageio.read_image(image_path)
     device = resolve_device(device)
     recipe, config, model, name = load_model(workspace, version, device)
-    labels = predict_array(recipe, config, model, image, device, tta, min_component_fraction, progress)
+    labels = predict_array(recipe, config, model, image, device, tta, min_component_fraction, progress, objects)
     imageio.write_image(to_label_image(labels, image), output_path)
     names = workspace.structure_names()
     found = [names.get(int(v), f"structure_{v}") for v in np.unique(labels) if v > 0]

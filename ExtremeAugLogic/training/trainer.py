@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation.scoring import score_model
+from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import load_model, load_weights, read_config, save_model
 from ExtremeAugLogic.recipes.registry import make_recipe
 from ExtremeAugLogic.training.plots import plot_training
@@ -149,6 +151,9 @@ class _Trainer:
                 settings["level"] = int(self.req.level)
             self.recipe = make_recipe(self.req.model, settings)
             config = self.recipe.fit_config(train_cases, num_classes)
+            # the anatomical order of the structures, when every training label shows the same one
+            config["structure_order"] = detect_structure_order(
+                [sitk.GetArrayViewFromImage(c.label) for c in train_cases])
             self.version = self.ws.new_version(
                 {**config.settings, "model": self.req.model, "device": self.device, **self._budget()},
                 [c.case_id for c in train_cases], parent=self.parent)

@@ -40,6 +40,7 @@ MAX_CASE_ID_LENGTH = contract.MAX_CASE_ID_LENGTH
 MIN_CASES_FOR_VALIDATION = 3
 VALIDATION_FRACTION = 0.2
 NO_VALIDATION_REASON = "no validation cases: newest model used"
+WORKLIST = "worklist"  # the split of a scan without a label yet
 
 ImageOrPath = Union[str, os.PathLike, sitk.Image]
 
@@ -315,6 +316,36 @@ class Workspace:
                 return dict(c)
         raise InputError(f"{case_id}: no such case in workspace {self.path}")
 
+    def worklist_cases(self) -> list[dict]:
+        """Scans added without a label, in the order they were added."""
+        return [c for c in self.cases() if c["split"] == WORKLIST]
+
+    def add_to_worklist(self, image: ImageOrPath, case_id: Optional[str] = None,
+                        source_image: Optional[str] = None) -> dict:
+        """Validate and add one scan without a label; it waits in the worklist until it is labelled.
+
+        Never in ``labelsTr/`` nor counted as a training case in ``dataset.json``; adding its
+        label later (``add_case`` with the same case id) moves it into the training set.
+        """
+        if case_id is not None:
+            validate_case_id(case_id)
+            self._check_new_id(case_id, self._reload())
+        img, _, src_img = _load_image(image, source_image)
+        with self._locked() as manifest:
+            if case_id is None:
+                case_id = self._default_case_id(src_img, manifest)
+            self._check_new_id(case_id, manifest)
+            entry = {
+                "id": case_id, "status": WORKLIST, "split": WORKLIST,
+                "image": f"{IMAGES_DIR}/{case_id}_0000{FILE_ENDING}", "label": None, "prediction": None,
+                "source_image": src_img, "source_label": None, "added_at": now_iso(), "changed_voxels": None,
+                "order": max((c["order"] for c in manifest["cases"]), default=0) + 1,
+            }
+            imageio.write_image(img, self.path / entry["image"])
+            manifest["cases"].append(entry)
+            self._save()
+        return dict(entry)
+
     def training_cases(self) -> list[dict]:
         return [c for c in self.cases() if c["split"] == "train"]
 
@@ -323,7 +354,7 @@ class Workspace:
 
     def validation_note(self) -> str:
         """One human sentence about the validation set."""
-        cases = self.cases()
+        cases = [c for c in self.cases() if c["split"] != WORKLIST]
         val = [c["id"] for c in cases if c["split"] == "validation"]
         if val:
             return (f"validation on {len(val)} held-out case{'s' if len(val) > 1 else ''} "
@@ -347,10 +378,19 @@ class Workspace:
         if split not in ("auto", "train", "validation"):
             raise InputError(f"{split}: split must be 'auto', 'train' or 'validation'")
         names = _clean_structure_names(structure_names or {}, "structure names")
+        waiting = None
         if case_id is not None:
             validate_case_id(case_id)
-            self._check_new_id(case_id, self._reload())
+            waiting = self._worklist_entry(case_id, self._reload())
+            if waiting is None:
+                self._check_new_id(case_id, self._reload())
         img, img_name, src_img = _load_image(image, source_image)
+        if waiting is not None:  # the scan is already in the workspace: the one given must be the same
+            stored = imageio.read_image(self.path / waiting["image"])
+            difference = imageio.grid_difference(img, stored)
+            if difference or not np.array_equal(sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(stored)):
+                raise InputError(f"{img_name}: not the scan {case_id} in the worklist "
+                                 f"({difference or 'other intensities'})")
         lab, _, src_lab = _load_label(label, source_label, "label", img, img_name, allow_empty=False)
         pred = None
         if corrected_from is not None:
@@ -366,18 +406,20 @@ class Workspace:
         with self._locked() as manifest:
             if case_id is None:
                 case_id = self._default_case_id(src_img, manifest)
-            self._check_new_id(case_id, manifest)
+            if waiting is None or self._worklist_entry(case_id, manifest) is None:
+                self._check_new_id(case_id, manifest)
             structures = _structures_from_manifest(manifest)
             merged = {**structures, **names}
             for value in imageio.label_values(lab):
                 merged.setdefault(value, f"structure_{value}")
             _check_unique_names(merged)
 
-            cases = manifest["cases"]
-            order = max((c["order"] for c in cases), default=0) + 1
+            cases = [c for c in manifest["cases"] if c["id"] != case_id]  # a worklist entry is replaced
+            order = max((c["order"] for c in manifest["cases"]), default=0) + 1
             if split == "auto":
                 n_val = sum(1 for c in cases if c["split"] == "validation")
-                split = auto_split(order, n_val)
+                labelled = sum(1 for c in cases if c["split"] != WORKLIST) + 1
+                split = auto_split(labelled, n_val)
             entry = {
                 "id": case_id,
                 "status": "corrected" if pred is not None else "delineated",
@@ -396,9 +438,15 @@ class Workspace:
             if pred is not None:
                 imageio.write_image(pred, self.path / entry["prediction"])
             cases.append(entry)
+            manifest["cases"] = cases
             manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
             self._save()
         return dict(entry)
+
+    @staticmethod
+    def _worklist_entry(case_id: str, manifest: dict) -> Optional[dict]:
+        """The worklist entry named ``case_id`` (same spelling), or None."""
+        return next((c for c in manifest["cases"] if c["id"] == case_id and c["split"] == WORKLIST), None)
 
     def _check_new_id(self, case_id: str, manifest: dict) -> None:
         """InputError if ``case_id`` (compared case-insensitively) is already used."""
@@ -433,10 +481,11 @@ class Workspace:
         return imageio.read_label(path, allow_empty=True) if path else None
 
     def load_cases(self, split: Optional[str] = None) -> list:
-        """``CaseData`` for every case in ``split`` ("train", "validation" or None = all)."""
+        """``CaseData`` for every labelled case in ``split`` ("train", "validation" or None = both)."""
         if split not in (None, "train", "validation"):
             raise InputError(f"{split}: split must be 'train', 'validation' or None")
-        return [CaseData(cid, *self.load_case(cid)) for cid in self.case_ids(split)]
+        return [CaseData(c["id"], *self.load_case(c["id"])) for c in self.cases()
+                if c["split"] != WORKLIST and (split is None or c["split"] == split)]
 
     # ------------------------------------------------------------ dataset.json
 
@@ -451,7 +500,7 @@ class Workspace:
             "description": "ExtremeAug workspace (nnU-Net v2 raw layout)",
             "channel_names": {"0": manifest.get("modality", "MRI")},
             "labels": labels,
-            "numTraining": len(manifest["cases"]),
+            "numTraining": sum(1 for c in manifest["cases"] if c["split"] != WORKLIST),
             "file_ending": FILE_ENDING,
         }
 

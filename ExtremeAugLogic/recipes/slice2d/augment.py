@@ -107,21 +107,64 @@ def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids:
     return x, y.round().long()
 
 
-def jitter_intensity(x: torch.Tensor, gamma: float, contrast: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random gamma in [1/gamma, gamma] and contrast in [1/contrast, contrast] per sample.
+@dataclass
+class IntensityRanges:
+    """Ranges of the per-sample intensity changes (1.0 or 0.0 turns each off).
 
-    Not in the paper: scans of the same protocol differ in contrast more than in pose, and
-    this is what a model trained on one scan meets first (measured in docs/results).
+    gamma in [1/g, g], contrast in [1/c, c] about the patch mean, brightness shift in
+    [-b, b], a smooth multiplicative bias field exp(f) with |f| <= ``bias_field`` (a random
+    3x3 grid upsampled bilinearly, so it stays within its range: one slow shading across the patch), and Gaussian noise
+    with a standard deviation drawn in [0, ``noise_std``]. Not in the paper: a model trained
+    on one scan meets other contrasts before it meets other poses.
     """
-    if gamma <= 1.0 and contrast <= 1.0:
+
+    gamma: float = 1.0
+    contrast: float = 1.0
+    brightness: float = 0.0
+    bias_field: float = 0.0
+    noise_std: float = 0.0
+
+    @classmethod
+    def from_settings(cls, s: dict) -> "IntensityRanges":
+        return cls(float(s.get("gamma", 1.0)), float(s.get("contrast", 1.0)), float(s.get("brightness", 0.0)),
+                   float(s.get("bias_field", 0.0)), float(s.get("noise_std", 0.0)))
+
+    @property
+    def active(self) -> bool:
+        return self.gamma > 1.0 or self.contrast > 1.0 or self.brightness > 0 or self.bias_field > 0 \
+            or self.noise_std > 0
+
+
+def augment_intensity(x: torch.Tensor, ranges: IntensityRanges,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the random intensity changes of ``ranges`` to a batch (B, C, H, W), on its device."""
+    if not ranges.active:
         return x
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    u = torch.rand((2, *shape), device=x.device, generator=generator) * 2 - 1
-    g = torch.exp(u[0] * np.log(max(gamma, 1.0)))
-    c = torch.exp(u[1] * np.log(max(contrast, 1.0)))
-    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
-    return ((x.clamp(min=0) ** g) - mean) * c + mean
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(shape, device=x.device, generator=generator)
+
+    if ranges.gamma > 1.0:
+        x = x.clamp(min=0) ** torch.exp(uniform(-1, 1) * np.log(ranges.gamma))
+    if ranges.contrast > 1.0:
+        mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+        x = (x - mean) * torch.exp(uniform(-1, 1) * np.log(ranges.contrast)) + mean
+    if ranges.brightness > 0:
+        x = x + uniform(-ranges.brightness, ranges.brightness)
+    if ranges.bias_field > 0:
+        coarse = (torch.rand((x.shape[0], 1, 3, 3), device=x.device, generator=generator) * 2 - 1) * ranges.bias_field
+        x = x * torch.exp(F.interpolate(coarse, size=x.shape[-2:], mode="bilinear", align_corners=True))
+    if ranges.noise_std > 0:
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        x = x + noise * uniform(0, ranges.noise_std)
+    return x
+
+
+def jitter_intensity(x: torch.Tensor, gamma: float, contrast: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random gamma and contrast per sample (``augment_intensity`` with only those two)."""
+    return augment_intensity(x, IntensityRanges(gamma=gamma, contrast=contrast), generator)
 
 
 class OnTheFlySampler:
@@ -129,12 +172,13 @@ class OnTheFlySampler:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,
                  level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
-                 seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0):
+                 seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0,
+                 intensity: IntensityRanges | None = None):
         self.images, self.labels = images, labels
         self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
         self.level, self.ranges, self.patch = int(level), ranges, patch
         self.batch_size, self.seed, self.padding = batch_size, seed, padding
-        self.gamma, self.contrast = gamma, contrast
+        self.intensity = intensity or IntensityRanges(gamma=gamma, contrast=contrast)
         self.generator = torch.Generator(device=images.device)
         self.generator.manual_seed(seed)
 
@@ -155,7 +199,7 @@ class OnTheFlySampler:
         centres = self.centres[pick]
         grid = sampling_grid(centres[:, 1:], params, self.patch, self.images.shape[-1])
         x, y = sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
-        return jitter_intensity(x, self.gamma, self.contrast, self.generator), y
+        return augment_intensity(x, self.intensity, self.generator), y
 
 
 def write_offline_dataset(images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,

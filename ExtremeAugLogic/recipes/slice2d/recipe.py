@@ -32,6 +32,10 @@ DEFAULTS_2D = {
     "padding": "zeros",          # grid_sample padding outside the slice: zeros | reflection
     "gamma": 1.0,                # intensity jitter (not in the paper): gamma in [1/g, g] and
     "contrast": 1.0,             # contrast in [1/c, c]; off: it lowered one-scan Dice (tuning-2d.md)
+    "brightness": 0.0,           # shift in [-b, b]          (all intensity augmentation: augment.IntensityRanges)
+    "bias_field": 0.0,           # smooth shading exp(f), |f| <= this
+    "noise_std": 0.0,            # Gaussian noise, std up to this
+    "objects": "off",            # after prediction: off | per-object | ordered (inference.labels_from_probabilities)
     "batch_size": 16,
     "learning_rate": 2e-3,
     "base_features": 8,
@@ -88,7 +92,7 @@ class Recipe2D(Recipe):
         return augment.OnTheFlySampler(
             torch.from_numpy(images)[:, None].to(device), torch.from_numpy(labels)[:, None].to(device),
             centres, s["level"], augment.AugmentationRanges.from_settings(s), s["patch_size"],
-            s["batch_size"], seed, s["padding"], s.get("gamma", 1.0), s.get("contrast", 1.0))
+            s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s))
 
     def training_slices(self, config: dict, cases: list[CaseData], seed: int):
         """All cases' slices stacked, with the base patch centres (slice ids offset per case)."""

@@ -1,0 +1,106 @@
+"""Intensity augmentation on the device, and the rules that turn probabilities into structure labels."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ExtremeAugLogic.demo import phantom
+from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.inference import labels_from_probabilities
+from ExtremeAugLogic.recipes.slice2d import augment
+from ExtremeAugLogic.training import TrainRequest, train
+from ExtremeAugLogic.workspace import Workspace
+from ExtremeAugLogic.workspace.imageio import read_label, write_image
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((8, 1, 32, 32), generator=g)
+
+
+@pytest.mark.parametrize("field,value", [("gamma", 1.5), ("contrast", 1.5), ("brightness", 0.2),
+                                         ("bias_field", 0.3), ("noise_std", 0.1)])
+def test_each_intensity_change_acts_alone_and_is_reproducible(field, value):
+    x = _batch()
+    ranges = augment.IntensityRanges(**{field: value})
+    a = augment.augment_intensity(x, ranges, torch.Generator().manual_seed(3))
+    b = augment.augment_intensity(x, ranges, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
+    assert torch.equal(augment.augment_intensity(x, augment.IntensityRanges()), x)  # all off: untouched
+
+
+def test_intensity_ranges_hold():
+    x = torch.full((256, 1, 16, 16), 0.5)
+    shifted = augment.augment_intensity(x, augment.IntensityRanges(brightness=0.1), torch.Generator().manual_seed(0))
+    shift = shifted[:, 0, 0, 0] - 0.5
+    assert shift.abs().max() <= 0.1 + 1e-6 and shift.std() > 0.03  # spread over the range, within it
+    shaded = augment.augment_intensity(x, augment.IntensityRanges(bias_field=0.2), torch.Generator().manual_seed(0))
+    ratio = (shaded / x).log()
+    assert ratio.abs().max() <= 0.2 + 1e-5
+    # a bias field is smooth: neighbouring pixels differ far less than the field's range
+    assert (ratio[..., 1:] - ratio[..., :-1]).abs().max() < 0.1
+    noisy = augment.augment_intensity(x, augment.IntensityRanges(noise_std=0.05), torch.Generator().manual_seed(0))
+    per_sample = (noisy - x).std(dim=(1, 2, 3))
+    assert per_sample.max() <= 0.05 * 1.3 and per_sample.min() < 0.02  # std drawn in [0, 0.05]
+
+
+def _stack_probabilities(levels, shape=(50, 12, 12), soft=0.9):
+    """Boxes stacked along axis 0; ``levels[i]`` is the label the probabilities favour in box i."""
+    k = max(levels) + 1
+    p = np.zeros((k, *shape), np.float32)
+    p[0] = 1.0
+    for i, level in enumerate(levels):
+        z0 = 2 + i * 10
+        p[:, z0:z0 + 8, 2:10, 2:10] = (1 - soft) / (k - 1)
+        p[level, z0:z0 + 8, 2:10, 2:10] = soft
+    return p
+
+
+def test_rules_for_structure_labels():
+    config = {"settings": {}, "structure_order": {"axis": 0, "ascending": True, "labels": [1, 2, 3, 4]}}
+    probabilities = _stack_probabilities([1, 3, 2, 4])  # the network swapped two levels
+    # a flipped slice inside box 0 (its argmax says 2 there)
+    probabilities[:, 5, 2:10, 2:10] = 0.02
+    probabilities[2, 5, 2:10, 2:10] = 0.5
+    probabilities[1, 5, 2:10, 2:10] = 0.44
+    off = labels_from_probabilities(probabilities, config, "off", 0)
+    per_object = labels_from_probabilities(probabilities, config, "per-object", 0)
+    ordered = labels_from_probabilities(probabilities, config, "ordered", 0)
+    assert off[5, 5, 5] == 2 and per_object[5, 5, 5] == 1  # one label per object
+    assert per_object[15, 5, 5] == 3 and per_object[25, 5, 5] == 2  # per object keeps the swap
+    assert [ordered[z, 5, 5] for z in (5, 15, 25, 35)] == [1, 2, 3, 4]  # order fixes it
+    assert labels_from_probabilities(probabilities, {"settings": {"objects": "per-object"}}, None, 0)[5, 5, 5] == 1
+    with pytest.raises(InputError, match="objects"):
+        labels_from_probabilities(probabilities, config, "sideways", 0)
+
+
+def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pairs = phantom.write_phantom_set(folder, 2, seed0=5, shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0))
+    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
+    ws.add_case(*pairs[0])
+    small = {"inplane_size": 48, "patch_size": 48, "stride": 24, "base_features": 4, "depth": 3, "max_features": 16,
+             "batch_size": 4}
+    train(TrainRequest(str(ws.path), iterations=3, settings=small, progress_bar=False))
+    config = json.loads((ws.model_dir("v1") / "config.json").read_text())
+    order = config["structure_order"]
+    assert order["axis"] == 0 and sorted(order["labels"]) == sorted(ws.structure_names())
+    assert order["labels"] in (sorted(order["labels"]), sorted(order["labels"], reverse=True))
+    outputs = {}
+    for rule in ("off", "ordered"):
+        out = tmp_path / f"{rule}.nii.gz"
+        done = subprocess.run([sys.executable, "-m", "ExtremeAugLogic", "predict", ws.path, "--image", pairs[1][0],
+                               "--output", out, "--objects", rule], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs[rule] = sitk.GetArrayFromImage(read_label(out, allow_empty=True))
+    assert outputs["off"].shape == outputs["ordered"].shape
+    assert set(np.unique(outputs["ordered"])) <= {0, *ws.structure_names()}
+    bad = subprocess.run([sys.executable, "-m", "ExtremeAugLogic", "predict", ws.path, "--image", pairs[1][0],
+                          "--output", tmp_path / "x.nii.gz", "--objects", "sideways"], capture_output=True, text=True)
+    assert bad.returncode == 2 and not (tmp_path / "x.nii.gz").exists()

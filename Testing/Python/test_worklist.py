@@ -1,0 +1,133 @@
+"""The worklist: scans without a label wait in the workspace until they are labelled."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.workspace import Workspace
+from ExtremeAugLogic.workspace.imageio import write_image
+
+
+def engine(*args):
+    return subprocess.run([sys.executable, "-m", "ExtremeAugLogic", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def files(tmp_path, make_case):
+    out = []
+    for i in range(4):
+        scan, label = make_case(seed=i)
+        out.append((tmp_path / f"s{i}_image.nii.gz", tmp_path / f"s{i}_label.nii.gz"))
+        write_image(scan, out[-1][0])
+        write_image(label, out[-1][1])
+    return out
+
+
+def test_add_without_label_joins_the_worklist_only(tmp_path, files):
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_case(*files[0], case_id="first")
+    added = engine("add", ws.path, "--image", files[1][0], "--case-id", "waiting")
+    assert added.returncode == 0 and "worklist" in added.stdout, added.stderr
+    entry = ws.case("waiting")
+    assert entry["split"] == "worklist" and entry["label"] is None
+    assert (ws.path / entry["image"]).is_file() and not (ws.path / "labelsTr" / "waiting.nii.gz").exists()
+    assert json.loads(ws.dataset_json_path.read_text())["numTraining"] == 1
+    assert [c["id"] for c in ws.worklist_cases()] == ["waiting"] and ws.case_ids("train") == ["first"]
+    assert [c.case_id for c in ws.load_cases()] == ["first"]  # training never sees it
+    shown = engine("status", ws.path)
+    assert "1 in the worklist (waiting)" in shown.stdout
+
+
+def test_labelling_a_worklist_scan_moves_it_into_training(tmp_path, files):
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_case(*files[0], case_id="first")
+    ws.add_to_worklist(files[1][0], case_id="later")
+    moved = engine("add", ws.path, "--image", files[1][0], "--label", files[1][1], "--case-id", "later")
+    assert moved.returncode == 0, moved.stderr
+    entry = ws.case("later")
+    assert entry["split"] == "train" and entry["status"] == "delineated" and entry["label"] == "labelsTr/later.nii.gz"
+    assert [c["id"] for c in ws.cases()].count("later") == 1 and ws.worklist_cases() == []
+    assert sorted(c.case_id for c in ws.load_cases("train")) == ["first", "later"]
+
+
+def test_worklist_scans_do_not_move_the_validation_split(tmp_path, files):
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_case(*files[0], case_id="a")
+    for i in range(3):
+        ws.add_to_worklist(files[1][0], case_id=f"w{i}")
+    ws.add_case(*files[1], case_id="b")
+    third = ws.add_case(*files[2], case_id="c")
+    assert third["split"] == "validation"  # the third labelled case, as without a worklist
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--case-id", "../x"], "case id"),
+    (["--case-id", "first"], "already in the workspace"),
+    (["--corrected-from", "p.nii.gz"], "--corrected-from"),
+    (["--split", "train"], "--split train"),
+])
+def test_bad_worklist_additions_are_refused_and_change_nothing(tmp_path, files, args, message):
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_case(*files[0], case_id="first")
+    before = snapshot(ws.path)
+    refused = engine("add", ws.path, "--image", files[1][0], *args)
+    assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert snapshot(ws.path) == before
+
+
+def test_a_label_for_another_scan_is_refused(tmp_path, files, make_case):
+    ws = Workspace.create(tmp_path / "ws")
+    ws.add_to_worklist(files[1][0], case_id="w")
+    before = snapshot(ws.path)
+    with pytest.raises(InputError, match="not the scan w in the worklist"):
+        ws.add_case(files[2][0], files[2][1], case_id="w")
+    assert snapshot(ws.path) == before
+
+
+def test_an_unreadable_scan_is_refused(tmp_path):
+    ws = Workspace.create(tmp_path / "ws")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    before = snapshot(ws.path)
+    refused = engine("add", ws.path, "--image", bad)
+    assert refused.returncode == 2 and str(bad) in refused.stderr
+    assert snapshot(ws.path) == before
+
+
+def test_console_api_adds_to_the_worklist_then_labels_it(tmp_path):
+    """``logic.addToWorklist(volumeNode)`` through the real engine and real MRML (slicer-core)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ExtremeAugLib import mrml_bridge
+    from ExtremeAugLib.headless_scene import HeadlessScene
+    from ExtremeAugLib.loop_logic import LoopLogic
+
+    headless = HeadlessScene()
+    try:
+        logic = LoopLogic(pythonExecutable=sys.executable, tempDirectory=tmp_path / "tmp")
+        logic.setWorkspace(tmp_path / "ws")
+        labels = np.zeros((8, 20, 24), np.uint8)
+        labels[2:6, 4:10, 3:9] = 1
+        image = sitk.GetImageFromArray((labels * 50 + 3).astype(np.float32))
+        image.SetSpacing((0.8, 0.8, 3.0))
+        volume = mrml_bridge.imageToVolumeNode(image, headless.scene, "Next patient")
+        assert logic.addToWorklist(volume) == "Next_patient"
+        assert logic.worklist() == ["Next_patient"]
+        with pytest.raises(ValueError, match="already in the worklist"):
+            logic.addToWorklist(volume)
+        label = sitk.GetImageFromArray(labels)
+        label.CopyInformation(image)
+        segmentation = mrml_bridge.labelImageToSegmentation(label, volume, {1: "L1"}, nodeName="delineation")
+        assert logic.addTrainingScan(volume, segmentation) == "Next_patient"  # same case id, now labelled
+        assert logic.worklist() == [] and logic.caseIds() == ["Next_patient"]
+    finally:
+        headless.close()
