@@ -150,6 +150,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.addTrainingScanButton.connect("clicked(bool)", self.onAddTrainingScan)
+        self.ui.addToWorklistButton.connect("clicked(bool)", self.onAddToWorklist)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainOrStop)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrain)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentOrCancel)
@@ -166,7 +167,8 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def _actionButtons(self):
-        return {"add": self.ui.addTrainingScanButton, "train": self.ui.trainButton,
+        return {"add": self.ui.addTrainingScanButton, "worklist": self.ui.addToWorklistButton,
+                "train": self.ui.trainButton,
                 "retrain": self.ui.retrainButton, "segment": self.ui.segmentButton,
                 "edit": self.ui.openSegmentEditorButton, "accept": self.ui.acceptCorrectionButton}
 
@@ -239,6 +241,14 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showMessage(_("'{name}' is training case {caseId}. Press Train (first model) or Retrain.").format(
                 name=p.inputVolume.GetName(), caseId=caseId))
         self.updateVersions(force=True)
+        self.updateButtonStates()
+
+    def onAddToWorklist(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the scan to the worklist."), waitCursor=True):
+            p = self._parameterNode
+            caseId = self.logic.addToWorklist(p.inputVolume)
+            self.showMessage(_("'{name}' waits in the worklist as {caseId} ({count} scan(s) without a label).").format(
+                name=p.inputVolume.GetName(), caseId=caseId, count=len(self.logic.worklist())))
         self.updateButtonStates()
 
     def onTrainOrStop(self):

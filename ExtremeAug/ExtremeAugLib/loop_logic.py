@@ -152,10 +152,10 @@ class LoopLogic:
         """
         if volumeNode is None:
             raise ValueError("Select the scan to add to the worklist first.")
-        workspace = self._requireWorkspace()
-        if volumeNode.GetAttribute(WORKLIST_ATTRIBUTE) and volumeNode.GetAttribute(WORKSPACE_ATTRIBUTE) == str(workspace):
-            raise ValueError(f"'{volumeNode.GetName()}' is already in the worklist as "
-                             f"{volumeNode.GetAttribute(WORKLIST_ATTRIBUTE)}.")
+        self._requireWorkspace()
+        reason = self._inWorklist(volumeNode) or self._alreadyAdded(volumeNode, None)
+        if reason:
+            raise ValueError(reason)
         workspace = self.ensureWorkspace()
         caseId = caseId or workspace_view.newCaseId(workspace, volumeNode.GetName())
         folder = self._newTempFolder("worklist-")
@@ -329,18 +329,22 @@ class LoopLogic:
     def actionBlockers(self, volumeNode, segmentationNode, predicting=False):
         """Why each panel action cannot run now: ``{action: reason or None}``.
 
-        Actions: add, train (Train/Stop), retrain, segment (Segment/Cancel), edit, accept.
+        Actions: add, worklist (a scan without a segmentation), train (Train/Stop), retrain,
+        segment (Segment/Cancel), edit, accept.
         The Widget disables a button whose reason is not None and shows the reason as tooltip.
         """
         training = self.isTraining()
         noWorkspace = None if self.workspace is not None else "Choose a workspace folder first."
         noScan = None if volumeNode is not None else "Select a scan first."
         noSegmentation = None if segmentationNode is not None else "Select or create a segmentation first."
-        hasCases = bool(self.caseIds())
+        hasCases = any(c.get("split") != "worklist" for c in workspace_view.cases(self.workspace)) \
+            if self.workspace else False
         hasModel = bool(self.workspace and workspace_view.bestVersion(self.workspace))
         noModel = None if hasModel else "No trained model yet: add a delineated scan and press Train."
         blockers = {
             "add": noWorkspace or noScan or noSegmentation or self._alreadyAdded(volumeNode, segmentationNode),
+            "worklist": noWorkspace or noScan or self._alreadyAdded(volumeNode, None)
+                        or self._inWorklist(volumeNode),
             "train": None if training else (noWorkspace or (None if hasCases else "Add a delineated scan first.")),
             "retrain": noWorkspace or ("A training is running; stop it or wait." if training else None)
                        or (None if hasCases else "Add a delineated scan first.")
@@ -351,6 +355,13 @@ class LoopLogic:
                       or self._alreadyAdded(volumeNode, segmentationNode),
         }
         return blockers
+
+    def _inWorklist(self, volumeNode):
+        """Why ``volumeNode`` cannot join the worklist again, or None."""
+        waiting = volumeNode.GetAttribute(WORKLIST_ATTRIBUTE) if volumeNode is not None else None
+        if waiting and volumeNode.GetAttribute(WORKSPACE_ATTRIBUTE) == str(self.workspace):
+            return f"'{volumeNode.GetName()}' is already in the worklist as {waiting}."
+        return None
 
     def _alreadyAdded(self, volumeNode, segmentationNode):
         for node in (segmentationNode, volumeNode):
