@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe setting, value as JSON (e.g. --set batch_size=8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-unlabeled", action="store_true",
+                   help="do not learn from the worklist's scans even when the model's settings ask for it "
+                        "(--set unlabeled=self-training)")
 
     p = sub.add_parser("predict", help="segment a scan with a model version")
     p.add_argument("workspace")
@@ -190,7 +193,8 @@ def cmd_train(args) -> int:
 
     request = TrainRequest(args.workspace, minutes=args.minutes, iterations=args.iterations, level=args.level,
                            device=args.device, resume=args.resume, init_from=args.init_from, model=args.model,
-                           settings=parse_settings(args.set), seed=args.seed, progress_bar=not args.quiet)
+                           settings=parse_settings(args.set), seed=args.seed, progress_bar=not args.quiet,
+                           unlabeled=not args.no_unlabeled)
     try:
         result = train(request)
     except InputError:

@@ -207,6 +207,7 @@ _VERSION_FIELD_CHECKS: dict[str, Check] = {
     "comparison": _optional(_text),
     "rescored_at": _optional(_text),
     "pid": _optional(_int),
+    "pseudo_labels": _optional(_dict),
 }
 REQUIRED_VERSION_FIELDS = ("name", "created_at", "settings", "cases_seen", "parent", "status",
                            "val_scores", "iterations")

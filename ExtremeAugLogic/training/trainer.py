@@ -31,10 +31,11 @@ from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation.scoring import score_model
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
-from ExtremeAugLogic.inference.predict import load_model, load_weights, read_config, save_model
+from ExtremeAugLogic.inference.predict import (labels_from_probabilities, load_model, load_weights, read_config,
+                                               save_model, to_label_image)
 from ExtremeAugLogic.recipes.registry import make_recipe
 from ExtremeAugLogic.training.plots import plot_training
-from ExtremeAugLogic.workspace import Workspace, atomic, status as status_mod
+from ExtremeAugLogic.workspace import CaseData, Workspace, atomic, imageio, status as status_mod
 from ExtremeAugLogic.workspace.locking import OwnerLock
 
 DEFAULT_MINUTES_CPU = 8.0
@@ -60,6 +61,7 @@ class TrainRequest:
     settings: dict = field(default_factory=dict)
     seed: int = 0
     progress_bar: bool = True
+    unlabeled: bool = True       # learn from the worklist when the model's settings ask for it
 
 
 class StopRequested(Exception):
@@ -173,6 +175,7 @@ class _Trainer:
             start_iteration, elapsed_before = int(checkpoint["iteration"]), float(checkpoint["elapsed"])
             self.history = [list(row) for row in checkpoint.get("history", [])]
         sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration)
+        self.sampler, self.train_cases, self.pseudo_done = sampler, train_cases, False
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self._loop(sampler, self.recipe.loss_function(config), start_iteration, elapsed_before)
         return self._finish_done()
@@ -238,6 +241,9 @@ class _Trainer:
             if self.scheduler is None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr0 * max(1.0 - fraction, 0.02) ** 0.9
+            if self._pseudo_label_due(fraction):
+                sampler = self._sampler_with_pseudo_labels(iteration)
+                self.model.train()
             x, y = sampler.batch(iteration)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.device):
@@ -271,6 +277,47 @@ class _Trainer:
         self.iterations, self.seconds = iteration, time.monotonic() - start
         self._log(iteration, self.seconds, losses, None)
         self._save_checkpoint(iteration, self.seconds)
+
+    # ------------------------------------------------------------------ unlabeled scans
+    def _pseudo_label_due(self, fraction: float) -> bool:
+        """Self-training starts once, at ``pseudo_label_at`` of the budget, when the worklist has scans."""
+        s = self.config["settings"]
+        if self.pseudo_done or not self.req.unlabeled or s.get("unlabeled", "off") != "self-training":
+            return False
+        return fraction >= float(s.get("pseudo_label_at", 0.6)) and bool(self.ws.worklist_cases())
+
+    def _sampler_with_pseudo_labels(self, iteration: int):
+        """Label the worklist scans with the model so far and train on them too from now on.
+
+        Self-training: each worklist scan is predicted (structure labels per object and in
+        order); a scan joins only when the model is confident on it (mean top probability
+        inside its predicted structures >= ``pseudo_label_confidence``), so a scan the
+        model cannot read yet does not teach it its own mistakes.
+        """
+        self.pseudo_done = True
+        s = self.config["settings"]
+        threshold = float(s.get("pseudo_label_confidence", 0.9))
+        self.status.update(phase="preparing", message="labelling the worklist scans with the model so far")
+        self.model.eval()
+        pseudo, kept = [], {}
+        for entry in self.ws.worklist_cases():
+            image = imageio.read_image(self.ws.image_path(entry["id"]))
+            probabilities = self.recipe.predict_probabilities(self.model, self.config, image, self.device)
+            labels = labels_from_probabilities(probabilities, self.config, "ordered")
+            foreground = labels > 0
+            confidence = float(probabilities.max(axis=0)[foreground].mean()) if foreground.any() else 0.0
+            kept[entry["id"]] = round(confidence, 4)
+            if confidence >= threshold:
+                pseudo.append(CaseData(entry["id"], image, to_label_image(labels, image)))
+        self.ws.update_version(self.version, pseudo_labels={"confidence": kept, "threshold": threshold,
+                                                            "used": [c.case_id for c in pseudo],
+                                                            "at_iteration": int(iteration)})
+        self.status.update(phase="training", message=f"training with {len(pseudo)} pseudo-labelled scan(s)")
+        if not pseudo:
+            return self.sampler
+        self.sampler = self.recipe.make_sampler(self.config, self.train_cases + pseudo, self.device,
+                                                self.req.seed + iteration)
+        return self.sampler
 
     @staticmethod
     def _fraction(iteration, elapsed, total_iters, budget_s) -> float:

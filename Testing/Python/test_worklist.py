@@ -131,3 +131,26 @@ def test_console_api_adds_to_the_worklist_then_labels_it(tmp_path):
         assert logic.worklist() == [] and logic.caseIds() == ["Next_patient"]
     finally:
         headless.close()
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-unlabeled"]])
+def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
+    from ExtremeAugLogic.demo import phantom
+
+    pairs = phantom.write_phantom_set(tmp_path / "data", 3, seed0=31, shape=(40, 40, 16), spacing=(4.0, 4.0, 4.0))
+    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
+    ws.add_case(*pairs[0], case_id="labelled")
+    ws.add_to_worklist(pairs[1][0], case_id="w1")
+    ws.add_to_worklist(pairs[2][0], case_id="w2")
+    small = {"inplane_size": 40, "patch_size": 40, "stride": 20, "base_features": 4, "depth": 3, "max_features": 16,
+             "batch_size": 2, "unlabeled": "self-training", "pseudo_label_at": 0.5, "pseudo_label_confidence": 0.0}
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    done = engine("train", ws.path, "--iterations", 6, "--quiet", *sets, *flag)
+    assert done.returncode == 0, done.stderr
+    record = ws.version("v1")
+    if flag:
+        assert "pseudo_labels" not in record
+    else:
+        pseudo = record["pseudo_labels"]
+        assert pseudo["used"] == ["w1", "w2"] and pseudo["at_iteration"] == 3 and set(pseudo["confidence"]) == {"w1", "w2"}
+    assert record["cases_seen"] == ["labelled"] and ws.case("w1")["split"] == "worklist"  # pseudo-labels stay in memory

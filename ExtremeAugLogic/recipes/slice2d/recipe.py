@@ -36,6 +36,9 @@ DEFAULTS_2D = {
     "bias_field": 0.0,           # smooth shading exp(f), |f| <= this
     "noise_std": 0.0,            # Gaussian noise, std up to this
     "objects": "off",            # after prediction: off | per-object | ordered (inference.labels_from_probabilities)
+    "unlabeled": "off",          # the worklist scans: off | self-training (training.trainer, pseudo-labels)
+    "pseudo_label_at": 0.6,      # fraction of the budget after which the worklist is pseudo-labelled
+    "pseudo_label_confidence": 0.9,  # a scan joins when its mean top probability inside the structures is this high
     "batch_size": 16,
     "learning_rate": 2e-3,
     "base_features": 8,
