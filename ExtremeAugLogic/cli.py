@@ -182,7 +182,8 @@ def cmd_add(args) -> int:
                        structure_names=parse_names(args.names), split=args.split)
     extra = ""
     if case.get("changed_voxels") is not None:
-        extra = f"; the correction changed {case['changed_voxels']} voxels"
+        extra = (f"; the correction changed {case['changed_voxels']} voxels in {case.get('slices_touched')} slice(s), "
+                 f"structures {case.get('structures_changed') or 'none'}")
     print(f"added {case['id']} ({case['status']}, {case['split']}){extra}")
     if not ws.validation_cases():
         print(ws.validation_note())

@@ -189,6 +189,8 @@ _CASE_FIELD_CHECKS: dict[str, Check] = {
     "source_label": _optional(_text),
     "added_at": _optional(_text),
     "changed_voxels": _optional(_int),
+    "slices_touched": _optional(_int),
+    "structures_changed": _optional(_list_of(_int)),
 }
 
 # What ``Workspace.new_version``, ``update_version``, ``finish_version`` and the trainer write.

@@ -398,10 +398,11 @@ class Workspace:
         lab.CopyInformation(img)  # exact grid, not merely within tolerance
         if pred is not None:
             pred.CopyInformation(img)
-        changed = None
+        changed, effort = None, {}
         if pred is not None:
-            changed = int(np.count_nonzero(sitk.GetArrayViewFromImage(lab)
-                                           != sitk.GetArrayViewFromImage(pred)))
+            effort = correction_effort(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(lab),
+                                       _slice_axis(img))
+            changed = effort["changed_voxels"]
 
         with self._locked() as manifest:
             if case_id is None:
@@ -431,6 +432,8 @@ class Workspace:
                 "source_label": src_lab,
                 "added_at": now_iso(),
                 "changed_voxels": changed,
+                **({"slices_touched": effort["slices_touched"], "structures_changed": effort["structures_changed"]}
+                   if effort else {}),
                 "order": order,
             }
             imageio.write_image(img, self.path / entry["image"])
@@ -658,6 +661,23 @@ class Workspace:
 
 
 # ---------------------------------------------------------------- helpers
+
+def correction_effort(prediction: np.ndarray, corrected: np.ndarray, slice_axis: int) -> dict:
+    """What a correction changed: voxels, slices (along ``slice_axis``, numpy order) and structures."""
+    differs = prediction != corrected
+    others = tuple(a for a in range(differs.ndim) if a != slice_axis)
+    structures = np.union1d(np.unique(prediction[differs]), np.unique(corrected[differs]))
+    return {"changed_voxels": int(np.count_nonzero(differs)),
+            "slices_touched": int(np.count_nonzero(differs.any(axis=others))),
+            "structures_changed": [int(v) for v in structures if v != 0]}
+
+
+def _slice_axis(image: sitk.Image) -> int:
+    """The numpy axis a clinician draws slice by slice: the acquisition plane (largest spacing, then fewest voxels)."""
+    spacing = tuple(reversed(image.GetSpacing()))
+    size = tuple(reversed(image.GetSize()))
+    return min(range(3), key=lambda a: (-round(spacing[a], 3), size[a]))
+
 
 
 def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:

@@ -154,3 +154,18 @@ def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
         pseudo = record["pseudo_labels"]
         assert pseudo["used"] == ["w1", "w2"] and pseudo["at_iteration"] == 3 and set(pseudo["confidence"]) == {"w1", "w2"}
     assert record["cases_seen"] == ["labelled"] and ws.case("w1")["split"] == "worklist"  # pseudo-labels stay in memory
+
+
+def test_correction_effort_counts_voxels_slices_and_structures():
+    import numpy as np
+
+    from ExtremeAugLogic.workspace.workspace import correction_effort
+
+    prediction = np.zeros((6, 8, 10), np.uint8)
+    prediction[1:4, 2:6, 2:6] = 1
+    corrected = prediction.copy()
+    corrected[2, 2:4, 2:6] = 2           # a level relabelled on one slice along axis 0
+    corrected[:, 7, 9] = 3               # a structure added through every slice
+    effort = correction_effort(prediction, corrected, slice_axis=0)
+    assert effort == {"changed_voxels": 8 + 6, "slices_touched": 6, "structures_changed": [1, 2, 3]}
+    assert correction_effort(prediction, corrected, slice_axis=2)["slices_touched"] == 5  # columns 2..5 and 9
