@@ -151,6 +151,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.addTrainingScanButton.connect("clicked(bool)", self.onAddTrainingScan)
         self.ui.addToWorklistButton.connect("clicked(bool)", self.onAddToWorklist)
+        self.ui.nextScanButton.connect("clicked(bool)", self.onNextScan)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainOrStop)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrain)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentOrCancel)
@@ -168,6 +169,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _actionButtons(self):
         return {"add": self.ui.addTrainingScanButton, "worklist": self.ui.addToWorklistButton,
+                "next": self.ui.nextScanButton,
                 "train": self.ui.trainButton,
                 "retrain": self.ui.retrainButton, "segment": self.ui.segmentButton,
                 "edit": self.ui.openSegmentEditorButton, "accept": self.ui.acceptCorrectionButton}
@@ -249,6 +251,19 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             caseId = self.logic.addToWorklist(p.inputVolume)
             self.showMessage(_("'{name}' waits in the worklist as {caseId} ({count} scan(s) without a label).").format(
                 name=p.inputVolume.GetName(), caseId=caseId, count=len(self.logic.worklist())))
+        self.updateButtonStates()
+
+    def onNextScan(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the next worklist scan."), waitCursor=True):
+            volumeNode, segmentationNode = self.logic.loadNextScan(slicer.mrmlScene)
+            p = self._parameterNode
+            p.inputVolume = volumeNode
+            if segmentationNode is not None:
+                p.segmentation = segmentationNode
+                slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+            self.showMessage(_("'{name}' loaded{what}. Correct it, then press Accept correction.").format(
+                name=volumeNode.GetName(),
+                what=_(" with its prediction") if segmentationNode is not None else _(" (its prediction is not ready)")))
         self.updateButtonStates()
 
     def onTrainOrStop(self):

@@ -54,14 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe setting, value as JSON (e.g. --set batch_size=8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-predict-worklist", action="store_true",
+                   help="after a new best model, do not predict the worklist scans")
     p.add_argument("--no-unlabeled", action="store_true",
                    help="do not learn from the worklist's scans even when the model's settings ask for it "
                         "(--set unlabeled=self-training)")
 
-    p = sub.add_parser("predict", help="segment a scan with a model version")
+    p = sub.add_parser("predict", help="segment a scan with a model version, or the whole worklist")
     p.add_argument("workspace")
-    p.add_argument("--image", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--image")
+    p.add_argument("--output")
+    p.add_argument("--worklist", action="store_true",
+                   help="predict every worklist scan whose waiting prediction is missing or stale (best model)")
     p.add_argument("--version", help="vN, best (default) or latest")
     p.add_argument("--device", default="auto")
     p.add_argument("--tta", action="store_true", help="average with flipped predictions")
@@ -204,12 +208,30 @@ def cmd_train(args) -> int:
         print(f"error: training failed: {type(exc).__name__}: {exc} (details in status.json)", file=sys.stderr)
         return EXIT_FAILED
     print(result["message"])
+    if result.get("is_best") and not args.no_predict_worklist:
+        from ExtremeAugLogic.inference.worklist import predict_worklist
+        from ExtremeAugLogic.workspace import Workspace
+
+        done = predict_worklist(Workspace.open(args.workspace), args.device)
+        if done:
+            print(f"predicted {len(done)} worklist scan(s) with the new best model")
 
 
 def cmd_predict(args) -> int:
     from ExtremeAugLogic.inference import DEFAULT_MIN_COMPONENT_FRACTION, predict_file
     from ExtremeAugLogic.workspace import Workspace
 
+    if args.worklist:
+        if args.image or args.output:
+            raise InputError("--worklist: predicts the workspace's own worklist scans; leave out --image and --output")
+        from ExtremeAugLogic.inference.worklist import predict_worklist
+
+        ws = Workspace.open(args.workspace)
+        done = predict_worklist(ws, args.device, log=print)
+        print(f"worklist: {len(done)} prediction(s) made, {len(ws.worklist_cases()) - len(done)} already up to date")
+        return
+    if not (args.image and args.output):
+        raise InputError("predict: give --image and --output (or --worklist)")
     fraction = DEFAULT_MIN_COMPONENT_FRACTION if args.min_component_fraction is None else args.min_component_fraction
     result = predict_file(Workspace.open(args.workspace), args.image, args.output, version=args.version,
                           device=args.device, tta=args.tta, min_component_fraction=fraction, objects=args.objects)
@@ -237,6 +259,9 @@ def cmd_status(args) -> int:
     worklist = [c["id"] for c in ws.worklist_cases()]
     print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation, "
           f"{len(worklist)} in the worklist{' (' + ', '.join(worklist) + ')' if worklist else ''}")
+    for row in ws.worklist_state():
+        print(f"  worklist {row['id']}: prediction {row['state']}"
+              + (f" by {row['version']}, uncertainty {row['uncertainty']:.3f}" if row["version"] else ""))
     best = ws.best_version()
     for v in ws.versions():
         dice = (v.get("val_scores") or {}).get("mean_dice")

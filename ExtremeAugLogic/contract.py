@@ -36,6 +36,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
 VERSION_RECORD_NAME = "version.json"
 
+WORKLIST_SPLIT = "worklist"  # a scan without a label yet
+WORKLIST_PREDICTIONS_DIR = f"{PREDICTIONS_DIR}/worklist"
+WORKLIST_ORDERS = ("added", "uncertainty")
+
 # ---------------------------------------------------------------- training status
 RUNNING_PHASES = ("starting", "preparing", "training", "validating", "saving")
 FINAL_PHASES = ("done", "stopped", "failed")
@@ -149,3 +153,54 @@ def shown_version_status(record: dict, lock_path) -> str:
     if lock_holder(lock_path) is not None or pid_alive(record.get("pid")):
         return status
     return VERSION_INTERRUPTED
+
+
+# ---------------------------------------------------------------- the worklist's waiting predictions
+
+def worklist_prediction_files(workspace, case_id: str) -> tuple:
+    """(label map, record) of the prediction waiting for worklist scan ``case_id``."""
+    problem = name_problem(case_id, "case id")
+    if problem:
+        raise ValueError(f"{case_id!r}: {problem}")
+    folder = Path(workspace) / WORKLIST_PREDICTIONS_DIR
+    return folder / f"{case_id}{FILE_ENDING}", folder / f"{case_id}.json"
+
+
+def read_waiting_prediction(workspace, case_id: str) -> Optional[dict]:
+    """The record (model ``version``, ``uncertainty``) of a waiting prediction, or None if there is
+    none usable: the label map is written before its record, so a record names a complete file."""
+    import json
+
+    labels, record_path = worklist_prediction_files(workspace, case_id)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or name_problem(record.get("version"), "version") \
+            or not isinstance(record.get("uncertainty"), (int, float)) or not labels.is_file():
+        return None
+    return record
+
+
+def worklist_rows(workspace, cases: list, best_version, order: str = "added") -> list:
+    """The worklist scans of ``cases`` (manifest entries) with their waiting prediction's state.
+
+    ``state``: ready (made by ``best_version``), stale (by another version) or none.
+    ``order``: added (as they joined), or uncertainty (ready ones first, most uncertain first).
+    """
+    if order not in WORKLIST_ORDERS:
+        raise ValueError(f"{order}: worklist order must be one of {', '.join(WORKLIST_ORDERS)}")
+    rows = []
+    for case in cases:
+        if not isinstance(case, dict) or case.get("split") != WORKLIST_SPLIT:
+            continue
+        case_id = str(case.get("id"))
+        record = read_waiting_prediction(workspace, case_id)
+        state = "none" if record is None else ("ready" if record["version"] == best_version else "stale")
+        rows.append({"id": case_id, "state": state, "version": record["version"] if record else None,
+                     "uncertainty": float(record["uncertainty"]) if record else None,
+                     "prediction": str(worklist_prediction_files(workspace, case_id)[0]) if record else None,
+                     "image": str(Path(workspace) / str(case.get("image")))})
+    if order == "uncertainty":
+        rows.sort(key=lambda r: (r["state"] != "ready", -(r["uncertainty"] or 0.0)))
+    return rows

@@ -191,6 +191,7 @@ _CASE_FIELD_CHECKS: dict[str, Check] = {
     "changed_voxels": _optional(_int),
     "slices_touched": _optional(_int),
     "structures_changed": _optional(_list_of(_int)),
+    "predicted_by": _optional(_version_name),
 }
 
 # What ``Workspace.new_version``, ``update_version``, ``finish_version`` and the trainer write.

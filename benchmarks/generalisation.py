@@ -492,10 +492,12 @@ def main(argv=None) -> int:
     json_path, out, png = Path(args.json), Path(args.out), Path(args.out).with_suffix(".png")
 
     from ExtremeAugLogic.errors import InputError
-    from ExtremeAugLogic.workspace.locking import PidLock
+    from ExtremeAugLogic.workspace.locking import OwnerLock
 
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        lock = PidLock(json_path.with_name(json_path.name + ".lock"), "this benchmark is already writing there")
+        lock = OwnerLock(json_path.with_name(json_path.name + ".lock"), "this benchmark is already writing there")
         lock.__enter__()
     except InputError as exc:
         sys.exit(str(exc))

@@ -170,6 +170,35 @@ class LoopLogic:
         self.log(f"Added '{volumeNode.GetName()}' to the worklist as {caseId}")
         return caseId
 
+    def nextScan(self, order="added"):
+        """The worklist scan to correct next: ``{id, state, version, uncertainty, prediction, image}`` or None.
+
+        ``order``: "added" (the order the scans joined) or "uncertainty" (the most uncertain ready
+        prediction first); a scan whose prediction is ready comes before one still waiting for it.
+        """
+        rows = workspace_view.worklistState(self.workspace, order) if self.workspace else []
+        ready = [r for r in rows if r["state"] == "ready"]
+        return (ready or rows or [None])[0]
+
+    def loadNextScan(self, scene, order="added"):
+        """Load the next worklist scan, and its waiting prediction as an editable segmentation, into ``scene``.
+
+        Returns ``(volumeNode, segmentationNode or None)``; accepting the edited segmentation
+        (``acceptCorrection``) moves the scan into the training set under its case id.
+        """
+        row = self.nextScan(order)
+        if row is None:
+            raise ValueError("The worklist is empty: add scans without a segmentation first.")
+        volumeNode = mrml_bridge.imageToVolumeNode(sitk.ReadImage(row["image"]), scene, row["id"])
+        volumeNode.SetAttribute(WORKLIST_ATTRIBUTE, row["id"])
+        volumeNode.SetAttribute(WORKSPACE_ATTRIBUTE, str(self.workspace))
+        segmentationNode = None
+        if row["prediction"]:
+            segmentationNode = self._predictionToSegmentation(volumeNode, row["prediction"], row["version"])
+        self.log(f"Loaded worklist scan {row['id']}" + (f" with its prediction by {row['version']}"
+                                                         if segmentationNode else " (no prediction yet)"))
+        return volumeNode, segmentationNode
+
     def worklist(self):
         """The case ids of the workspace's scans without a label, oldest first."""
         return [c.get("id") for c in workspace_view.cases(self.workspace) if c.get("split") == "worklist"] \
@@ -329,8 +358,8 @@ class LoopLogic:
     def actionBlockers(self, volumeNode, segmentationNode, predicting=False):
         """Why each panel action cannot run now: ``{action: reason or None}``.
 
-        Actions: add, worklist (a scan without a segmentation), train (Train/Stop), retrain,
-        segment (Segment/Cancel), edit, accept.
+        Actions: add, worklist (a scan without a segmentation), next (load the next worklist
+        scan with its prediction), train (Train/Stop), retrain, segment (Segment/Cancel), edit, accept.
         The Widget disables a button whose reason is not None and shows the reason as tooltip.
         """
         training = self.isTraining()
@@ -345,6 +374,7 @@ class LoopLogic:
             "add": noWorkspace or noScan or noSegmentation or self._alreadyAdded(volumeNode, segmentationNode),
             "worklist": noWorkspace or noScan or self._alreadyAdded(volumeNode, None)
                         or self._inWorklist(volumeNode),
+            "next": noWorkspace or (None if self.worklist() else "The worklist is empty."),
             "train": None if training else (noWorkspace or (None if hasCases else "Add a delineated scan first.")),
             "retrain": noWorkspace or ("A training is running; stop it or wait." if training else None)
                        or (None if hasCases else "Add a delineated scan first.")

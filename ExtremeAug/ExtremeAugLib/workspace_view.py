@@ -120,3 +120,9 @@ def newCaseId(workspace, baseName):
         candidate = f"{stem}_{number}"
     return candidate
 
+
+
+
+def worklistState(workspace, order="added"):
+    """The worklist scans with their waiting predictions (ready, stale, none), as the engine sees them."""
+    return contract.worklist_rows(workspace, cases(workspace), bestVersion(workspace), order)

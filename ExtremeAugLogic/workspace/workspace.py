@@ -40,7 +40,7 @@ MAX_CASE_ID_LENGTH = contract.MAX_CASE_ID_LENGTH
 MIN_CASES_FOR_VALIDATION = 3
 VALIDATION_FRACTION = 0.2
 NO_VALIDATION_REASON = "no validation cases: newest model used"
-WORKLIST = "worklist"  # the split of a scan without a label yet
+WORKLIST = contract.WORKLIST_SPLIT  # the split of a scan without a label yet
 
 ImageOrPath = Union[str, os.PathLike, sitk.Image]
 
@@ -346,6 +346,22 @@ class Workspace:
             self._save()
         return dict(entry)
 
+    def worklist_prediction_files(self, case_id: str) -> tuple[Path, Path]:
+        """(label map, record) of the prediction waiting for a worklist scan (``predictions/worklist/``)."""
+        validate_case_id(case_id)
+        return contract.worklist_prediction_files(self.path, case_id)
+
+    def waiting_prediction(self, case_id: str) -> Optional[dict]:
+        """The record of the prediction waiting for ``case_id`` (its model version, uncertainty), or None."""
+        validate_case_id(case_id)
+        return contract.read_waiting_prediction(self.path, case_id)
+
+    def worklist_state(self, order: str = "added") -> list[dict]:
+        """Every worklist scan with its waiting prediction's state (``contract.worklist_rows``)."""
+        if order not in contract.WORKLIST_ORDERS:
+            raise InputError(f"{order}: worklist order must be one of {', '.join(contract.WORKLIST_ORDERS)}")
+        return contract.worklist_rows(self.path, self.cases(), self.best_version(), order)
+
     def training_cases(self) -> list[dict]:
         return [c for c in self.cases() if c["split"] == "train"]
 
@@ -384,6 +400,14 @@ class Workspace:
             waiting = self._worklist_entry(case_id, self._reload())
             if waiting is None:
                 self._check_new_id(case_id, self._reload())
+        predicted_by = None
+        record = self.waiting_prediction(case_id) if waiting is not None else None
+        if record is not None:  # the prediction the clinician corrected: the effort is measured against it
+            waiting_file = self.worklist_prediction_files(case_id)[0]
+            if corrected_from is None:
+                corrected_from = waiting_file
+            if isinstance(corrected_from, (str, os.PathLike)) and Path(corrected_from).resolve() == waiting_file.resolve():
+                predicted_by = record["version"]
         img, img_name, src_img = _load_image(image, source_image)
         if waiting is not None:  # the scan is already in the workspace: the one given must be the same
             stored = imageio.read_image(self.path / waiting["image"])
@@ -434,6 +458,7 @@ class Workspace:
                 "changed_voxels": changed,
                 **({"slices_touched": effort["slices_touched"], "structures_changed": effort["structures_changed"]}
                    if effort else {}),
+                **({"predicted_by": predicted_by} if predicted_by else {}),
                 "order": order,
             }
             imageio.write_image(img, self.path / entry["image"])
@@ -444,6 +469,9 @@ class Workspace:
             manifest["cases"] = cases
             manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
             self._save()
+            if waiting is not None:  # no longer waiting: its worklist prediction is kept as the case's own
+                for path in self.worklist_prediction_files(case_id):
+                    path.unlink(missing_ok=True)
         return dict(entry)
 
     @staticmethod

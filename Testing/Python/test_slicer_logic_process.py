@@ -336,7 +336,7 @@ def test_accept_correction_counts_changed_voxels(loop, tmp_path):
 def test_action_blockers_say_why(loop):
     logic, scene = loop
     blockers = logic.actionBlockers(None, None)
-    assert set(blockers) == {"add", "worklist", "train", "retrain", "segment", "edit", "accept"}
+    assert set(blockers) == {"add", "worklist", "next", "train", "retrain", "segment", "edit", "accept"}
     assert blockers["add"] == "Select a scan first."
     assert blockers["edit"] == "Select or create a segmentation first."
     assert blockers["train"] == "Add a delineated scan first."

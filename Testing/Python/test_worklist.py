@@ -169,3 +169,79 @@ def test_correction_effort_counts_voxels_slices_and_structures():
     effort = correction_effort(prediction, corrected, slice_axis=0)
     assert effort == {"changed_voxels": 8 + 6, "slices_touched": 6, "structures_changed": [1, 2, 3]}
     assert correction_effort(prediction, corrected, slice_axis=2)["slices_touched"] == 5  # columns 2..5 and 9
+
+
+def test_worklist_predictions_wait_go_stale_and_record_the_correction(tmp_path):
+    """predict --worklist writes each prediction with its model's record; a new best makes them stale;
+    labelling the scan measures the correction against the waiting prediction."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ExtremeAugLogic.demo import phantom
+    from ExtremeAugLogic.workspace.imageio import read_label
+
+    pairs = phantom.write_phantom_set(tmp_path / "data", 3, seed0=51, shape=(40, 40, 16), spacing=(4.0, 4.0, 4.0))
+    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
+    ws.add_case(*pairs[0], case_id="first")
+    ws.add_to_worklist(pairs[1][0], case_id="w1")
+    ws.add_to_worklist(pairs[2][0], case_id="w2")
+    small = {"inplane_size": 40, "patch_size": 40, "stride": 20, "base_features": 4, "depth": 3, "max_features": 16,
+             "batch_size": 2}
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert engine("train", ws.path, "--iterations", 3, "--quiet", "--no-predict-worklist", *sets).returncode == 0
+    assert [r["state"] for r in ws.worklist_state()] == ["none", "none"]
+    made = engine("predict", ws.path, "--worklist")
+    assert made.returncode == 0 and "2 prediction(s) made" in made.stdout, made.stderr
+    rows = ws.worklist_state()
+    assert [r["state"] for r in rows] == ["ready", "ready"] and all(0.0 <= r["uncertainty"] <= 1.0 for r in rows)
+    by_uncertainty = ws.worklist_state("uncertainty")
+    assert [r["uncertainty"] for r in by_uncertainty] == sorted([r["uncertainty"] for r in rows], reverse=True)
+    again = engine("predict", ws.path, "--worklist")
+    assert "0 prediction(s) made, 2 already up to date" in again.stdout
+    # a killed prediction: label written, record not yet: it is made again
+    ws.worklist_prediction_files("w2")[1].unlink()
+    assert [r["state"] for r in ws.worklist_state()] == ["ready", "none"]
+    # a new best model: both stale; train predicts them again at its end
+    retrained = engine("train", ws.path, "--iterations", 3, "--quiet", "--init-from", "best", *sets)
+    assert retrained.returncode == 0 and "predicted 2 worklist scan(s)" in retrained.stdout, retrained.stderr
+    assert {r["version"] for r in ws.worklist_state()} == {ws.best_version()}
+    shown = engine("status", ws.path)
+    assert "worklist w1: prediction ready by v2" in shown.stdout
+    # the clinician corrects w1: the effort is measured against the waiting prediction
+    waiting = sitk.GetArrayFromImage(read_label(ws.worklist_prediction_files("w1")[0], allow_empty=True))
+    truth = sitk.GetArrayFromImage(read_label(pairs[1][1]))
+    case = ws.add_case(pairs[1][0], pairs[1][1], case_id="w1")
+    assert case["predicted_by"] == "v2" and case["changed_voxels"] == int(np.count_nonzero(waiting != truth))
+    assert case["status"] == "corrected" and not ws.worklist_prediction_files("w1")[0].exists()
+
+
+def test_console_next_scan_loads_the_waiting_prediction(tmp_path):
+    """``logic.nextScan()`` / ``loadNextScan(scene)``: the scan and its waiting prediction, ready to correct."""
+    from ExtremeAugLogic.demo import phantom
+    from ExtremeAugLib.headless_scene import HeadlessScene
+    from ExtremeAugLib.loop_logic import LoopLogic
+
+    pairs = phantom.write_phantom_set(tmp_path / "data", 2, seed0=61, shape=(40, 40, 16), spacing=(4.0, 4.0, 4.0))
+    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
+    ws.add_case(*pairs[0], case_id="first")
+    ws.add_to_worklist(pairs[1][0], case_id="next_one")
+    small = {"inplane_size": 40, "patch_size": 40, "stride": 20, "base_features": 4, "depth": 3, "max_features": 16,
+             "batch_size": 2}
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert engine("train", ws.path, "--iterations", 2, "--quiet", *sets).returncode == 0  # predicts the worklist too
+    headless = HeadlessScene()
+    try:
+        logic = LoopLogic(pythonExecutable=sys.executable, tempDirectory=tmp_path / "tmp")
+        logic.setWorkspace(ws.path)
+        row = logic.nextScan()
+        assert row["id"] == "next_one" and row["state"] == "ready" and row["version"] == "v1"
+        assert logic.actionBlockers(None, None)["next"] is None
+        volume, segmentation = logic.loadNextScan(headless.scene)
+        assert volume.GetName() == "next_one" and segmentation is not None
+        assert segmentation.GetAttribute("ExtremeAug.ModelVersion") == "v1"
+        case_id, changed = logic.acceptCorrection(volume, segmentation)  # accepted unedited: nothing changed
+        assert case_id == "next_one" and changed == 0
+        assert ws.case("next_one")["split"] != "worklist" and ws.case("next_one")["predicted_by"] == "v1"
+        assert logic.actionBlockers(None, None)["next"] == "The worklist is empty."
+    finally:
+        headless.close()
