@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
 
-CASE_SPLITS = ("train", "validation", "worklist")
+CASE_SPLITS = ("train", "validation", contract.WORKLIST_SPLIT)
 CASE_PATH_FIELDS = ("image", "label", "prediction")
 REQUIRED_CASE_FIELDS = ("id", "image", "split", "order")
 PATH_SETTING_SUFFIXES = ("_dir", "_path")

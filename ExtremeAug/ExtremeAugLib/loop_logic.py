@@ -22,6 +22,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ExtremeAugLib import engine_cli, mrml_bridge, workspace_view
+from ExtremeAugLogic import contract
 from ExtremeAugLib.prediction_job import PredictionJob
 from ExtremeAugLib.training_process import (DEFAULT_STATUS, RUNNING_PHASES, EngineProcess, defaultPythonExecutable,
                                             isTerminalPhase, pidExists, psutil, readStatus)
@@ -201,8 +202,7 @@ class LoopLogic:
 
     def worklist(self):
         """The case ids of the workspace's scans without a label, oldest first."""
-        return [c.get("id") for c in workspace_view.cases(self.workspace) if c.get("split") == "worklist"] \
-            if self.workspace else []
+        return [row["id"] for row in workspace_view.worklistState(self.workspace)] if self.workspace else []
 
     def _addCase(self, volumeNode, segmentationNode, caseId, correctedFrom):
         """Write scan and label, run the engine's ``add``: ``(caseId, changedVoxels or None)``."""
@@ -366,7 +366,7 @@ class LoopLogic:
         noWorkspace = None if self.workspace is not None else "Choose a workspace folder first."
         noScan = None if volumeNode is not None else "Select a scan first."
         noSegmentation = None if segmentationNode is not None else "Select or create a segmentation first."
-        hasCases = any(c.get("split") != "worklist" for c in workspace_view.cases(self.workspace)) \
+        hasCases = any(c.get("split") != contract.WORKLIST_SPLIT for c in workspace_view.cases(self.workspace)) \
             if self.workspace else False
         hasModel = bool(self.workspace and workspace_view.bestVersion(self.workspace))
         noModel = None if hasModel else "No trained model yet: add a delineated scan and press Train."

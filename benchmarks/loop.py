@@ -1,0 +1,191 @@
+"""The loop as a clinician lives it, on real scans: correct, retrain, correct again.
+
+    python benchmarks/loop.py --set vb --start vb01 --rounds 4
+    python benchmarks/loop.py --set vb --start vb01 --rounds 2 --minutes 2 --retrain-minutes 1 --quick
+
+From one delineated scan, with every other scan of the set in the worklist, for each
+configuration (worklist order: ``added`` or ``uncertainty``; retraining: ``warm`` = from the
+best model, or ``scratch``):
+
+1. ``train`` (first budget); the engine then predicts every worklist scan (``predict --worklist``);
+2. per round: take the next scan in the chosen order, "correct" its waiting prediction with the
+   true label (``add --label --case-id``: the engine records voxels changed, slices touched and
+   structures changed against that prediction), retrain for the retrain budget; the engine
+   predicts the worklist again with the new best model;
+3. score: the waiting predictions of every scan not corrected yet against their true labels
+   (binary and per-structure Dice), i.e. the model of this round on unseen scans.
+
+Corrected scans join training (``--split train``): each is scored before it is trained on, so
+its correction effort is an unseen-scan measurement (test-then-train); no scan is held out.
+Everything goes through the engine's command line, in child processes, one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import engine, machine, require_data, run_measured_child
+
+SETS = {"vb": ("spine-vb", {i: f"L{i}" for i in range(1, 6)}),
+        "ivd": ("spine-ivd", {1: "L5-S1", 2: "L4-L5", 3: "L3-L4", 4: "L2-L3", 5: "L1-L2"})}
+
+
+def remaining_scores(ws_path: Path, data: Path, labels: list[int]) -> dict:
+    """Dice of every waiting worklist prediction against its scan's true label."""
+    import SimpleITK as sitk
+
+    from ExtremeAugLogic.evaluation import dice_scores
+    from ExtremeAugLogic.workspace import Workspace
+    from ExtremeAugLogic.workspace.imageio import read_label
+
+    ws = Workspace.open(ws_path)
+    scores = {}
+    for row in ws.worklist_state():
+        if row["state"] != "ready":
+            raise RuntimeError(f"{row['id']}: no up-to-date prediction after training ({row['state']})")
+        truth = read_label(data / f"{row['id']}_label.nii.gz")
+        prediction = read_label(row["prediction"], allow_empty=True)
+        dice = dice_scores(sitk.GetArrayViewFromImage(prediction), sitk.GetArrayViewFromImage(truth), labels)
+        scores[row["id"]] = {"binary_dice": dice["binary_dice"], "mean_dice": dice["mean_dice"],
+                             "uncertainty": row["uncertainty"]}
+    return scores
+
+
+def summary(scores: dict) -> dict:
+    if not scores:
+        return {"binary_dice": None, "mean_dice": None, "scans": 0}
+    return {"binary_dice": float(np.mean([s["binary_dice"] for s in scores.values()])),
+            "mean_dice": float(np.mean([s["mean_dice"] for s in scores.values()])), "scans": len(scores)}
+
+
+def run_loop(args, data: Path, work: Path, order: str, warm: bool, names: dict) -> dict:
+    ws = work / f"{order}-{'warm' if warm else 'scratch'}" / "ws"
+    log = ws.parent / "engine.log"
+    ws.parent.mkdir(parents=True)
+    labels = sorted(names)
+    run_measured_child(engine("init", ws, "--names", json.dumps({str(k): v for k, v in names.items()})), log)
+    run_measured_child(engine("add", ws, "--image", data / f"{args.start}_image.nii.gz", "--label",
+                              data / f"{args.start}_label.nii.gz", "--case-id", args.start, "--split", "train"), log)
+    for case in args.worklist:
+        run_measured_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--case-id", case), log)
+    options = [x for kv in args.set_option for x in ("--set", kv)]
+    first = run_measured_child(engine("train", ws, "--minutes", args.minutes, "--quiet", *options), log)
+    rounds = [{"round": 0, "corrected": None, "train_wall_s": round(first["wall_s"], 1),
+               "scores": remaining_scores(ws, data, labels)}]
+    rounds[0].update(summary(rounds[0]["scores"]))
+    print(f"  {order}/{'warm' if warm else 'scratch'} round 0: binary {rounds[0]['binary_dice']:.3f}, "
+          f"per-structure {rounds[0]['mean_dice']:.3f} on {rounds[0]['scans']} scans", flush=True)
+    from ExtremeAugLogic.workspace import Workspace
+
+    for number in range(1, args.rounds + 1):
+        state = Workspace.open(ws).worklist_state(order)
+        if not state:
+            break
+        case = state[0]["id"]
+        run_measured_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--label",
+                                  data / f"{case}_label.nii.gz", "--case-id", case, "--split", "train"), log)
+        entry = Workspace.open(ws).case(case)
+        retrain = ["--init-from", "best"] if warm else options
+        timing = run_measured_child(engine("train", ws, "--minutes", args.retrain_minutes, "--quiet", *retrain), log)
+        row = {"round": number, "corrected": case, "changed_voxels": entry.get("changed_voxels"),
+               "slices_touched": entry.get("slices_touched"), "structures_changed": entry.get("structures_changed"),
+               "predicted_by": entry.get("predicted_by"), "train_wall_s": round(timing["wall_s"], 1),
+               "scores": remaining_scores(ws, data, labels)}
+        row.update(summary(row["scores"]))
+        rounds.append(row)
+        print(f"  round {number}: corrected {case} ({row['changed_voxels']} voxels, {row['slices_touched']} slices); "
+              f"binary {_f(row['binary_dice'])}, per-structure {_f(row['mean_dice'])} on {row['scans']} scans; "
+              f"retrain + worklist {row['train_wall_s']:.0f} s", flush=True)
+    return {"order": order, "warm": warm, "rounds": rounds}
+
+
+def _f(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def render(results: dict, command: str) -> str:
+    lines = [f"# The loop on real scans: {results['set']}, start {results['start']}", "",
+             f"- command: `{command}`", f"- machine: {results['machine']}",
+             f"- first training {results['minutes']:g} min, each retrain {results['retrain_minutes']:g} min "
+             "(wall time includes predicting the worklist with the new best model)",
+             "- effort: what the correction of that round's scan changed in its waiting prediction; "
+             "Dice: the new best model's waiting predictions on the scans not corrected yet", ""]
+    for run in results["runs"]:
+        lines += [f"## order {run['order']}, {'warm start' if run['warm'] else 'from scratch'}", "",
+                  "| round | corrected | voxels changed | slices touched | structures changed | binary Dice | "
+                  "per-structure Dice | scans | train + worklist s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in run["rounds"]:
+            lines.append(f"| {r['round']} | {r['corrected'] or '-'} | {r.get('changed_voxels', '-')} | "
+                         f"{r.get('slices_touched', '-')} | {r.get('structures_changed', '-')} | {_f(r['binary_dice'])} | "
+                         f"{_f(r['mean_dice'])} | {r['scans']} | {r['train_wall_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in results["runs"]:
+        name = f"{run['order']}, {'warm' if run['warm'] else 'scratch'}"
+        xs = [r["round"] for r in run["rounds"]]
+        left.plot(xs, [r["mean_dice"] for r in run["rounds"]], marker="o", label=name)
+        right.plot(xs[1:], [r["changed_voxels"] for r in run["rounds"][1:]], marker="o", label=name)
+    left.set(xlabel="round", ylabel="per-structure Dice, scans not corrected yet", ylim=(0, 1))
+    right.set(xlabel="round", ylabel="voxels the correction changed")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", choices=sorted(SETS), default="vb")
+    parser.add_argument("--start", default=None, help="the delineated scan (default: the set's first)")
+    parser.add_argument("--worklist", nargs="*", default=None, help="the scans to correct (default: all others)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=8.0, help="first training")
+    parser.add_argument("--retrain-minutes", type=float, default=2.0)
+    parser.add_argument("--orders", nargs="+", default=["added", "uncertainty"], choices=("added", "uncertainty"))
+    parser.add_argument("--starts", nargs="+", default=["warm", "scratch"], choices=("warm", "scratch"))
+    parser.add_argument("--set-option", action="append", default=[], help="recipe setting KEY=VALUE for train")
+    parser.add_argument("--out", default=None, help="markdown report (default docs/results/loop-<set>.md)")
+    args = parser.parse_args(argv)
+    folder, names = SETS[args.set]
+    data = require_data(folder)
+    cases = sorted(p.name[: -len("_image.nii.gz")] for p in data.glob("*_image.nii.gz"))
+    args.start = args.start or cases[0]
+    args.worklist = args.worklist if args.worklist is not None else [c for c in cases if c != args.start]
+    out = Path(args.out or Path(__file__).resolve().parent.parent / "docs" / "results" / f"loop-{args.set}.md")
+    command = "python benchmarks/loop.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results = {"set": args.set, "start": args.start, "minutes": args.minutes, "retrain_minutes": args.retrain_minutes,
+               "machine": machine(), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="extremeaug-loop-") as tmp:
+        for order in args.orders:
+            for start in args.starts:
+                print(f"loop: order {order}, {start}", flush=True)
+                began = time.monotonic()
+                results["runs"].append(run_loop(args, data, Path(tmp), order, start == "warm", names))
+                print(f"  {time.monotonic() - began:.0f} s", flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+                plot(results, out.with_suffix(".png"))
+                out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
