@@ -176,8 +176,9 @@ def predict(model: torch.nn.Module, image_path, output_path, device: str = "auto
     out = np.zeros(stack.shape, dtype=np.uint8)
     for k, img2d in enumerate(stack):
         x = torch.from_numpy(np.ascontiguousarray(img2d))[None, None].to(dev)
-        logits = sliding_window_inference(x, roi_size=PATCH, sw_batch_size=4, predictor=model,
-                                          overlap=0.5, mode="gaussian")
+        with torch.inference_mode():
+            logits = sliding_window_inference(x, roi_size=PATCH, sw_batch_size=16, predictor=model,
+                                              overlap=0.5, mode="gaussian")
         out[k] = torch.as_tensor(logits).argmax(1)[0].cpu().numpy().astype(np.uint8)
     labels = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(out, 0, axis)))
     labels.CopyInformation(image)
