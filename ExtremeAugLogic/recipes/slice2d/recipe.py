@@ -35,7 +35,8 @@ DEFAULTS_2D = {
     "brightness": 0.0,           # shift in [-b, b]          (all intensity augmentation: augment.IntensityRanges)
     "bias_field": 0.0,           # smooth shading exp(f), |f| <= this
     "noise_std": 0.0,            # Gaussian noise, std up to this
-    "objects": "off",            # after prediction: off | per-object | ordered (inference.labels_from_probabilities)
+    "objects": "ordered",        # after prediction: off | per-object | ordered (inference.labels_from_probabilities);
+                                 # ordered: per-structure Dice 0.275 -> 0.372 on 42 unseen pairs (generalisation-explore)
     "unlabeled": "off",          # the worklist scans: off | self-training (training.trainer, pseudo-labels)
     "pseudo_label_at": 0.6,      # fraction of the budget after which the worklist is pseudo-labelled
     "pseudo_label_confidence": 0.9,  # a scan joins when its mean top probability inside the structures is this high
@@ -51,7 +52,8 @@ DEFAULTS_2D = {
 # The paper's own configuration (Gaonkar et al.), for reproduction: 256 px slices, 128 px grid
 # patches with stride 64, +/-50 px shifts, 16 base filters.
 PAPER_2D = {**DEFAULTS_2D, "inplane_size": 256, "inplane_fit": "stretch", "sampling": "grid",
-            "translation_px": 50.0, "base_features": 16, "max_features": 256}
+            "translation_px": 50.0, "base_features": 16, "max_features": 256, "objects": "off", "unlabeled": "off",
+            "intensity": "match", "gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0}
 
 
 class Recipe2D(Recipe):
