@@ -166,7 +166,7 @@ def merged_settings(settings: dict) -> dict:
 
 def baseline_overrides(name: str, settings: dict) -> dict:
     """Recipe settings of a baseline (see the module docstring)."""
-    off = {"gamma": 1.0, "contrast": 1.0}  # the engine's intensity jitter (not in the paper) off too
+    off = {"gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0}  # intensity augmentation off too
     if name == "none":
         return {"rotation_deg": 0.0, "scale": [1.0, 1.0], "translation_px": 0.0, "level": 1, **off}
     if name == "crops":

@@ -73,7 +73,8 @@ def test_plan_equal_budget_and_paper_rule(data, tmp_path):
                                          compute="epochs")))
     assert [c.budget_iterations for c in epochs] == [10, 100, 10, 10]
     assert baseline_overrides("none", {}) == {"rotation_deg": 0.0, "scale": [1.0, 1.0], "translation_px": 0.0,
-                                              "level": 1, "gamma": 1.0, "contrast": 1.0}
+                                              "level": 1, "gamma": 1.0, "contrast": 1.0, "brightness": 0.0,
+                                              "bias_field": 0.0, "noise_std": 0.0}
     crops = baseline_overrides("crops", {"patch_size": 32})
     assert crops["level"] == 0 and crops["translation_px"] == 16.0 and crops["rotation_deg"] == 0.0
 
