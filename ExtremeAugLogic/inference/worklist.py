@@ -11,25 +11,12 @@ found nothing.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model, to_label_image
 from ExtremeAugLogic.workspace import atomic, imageio
 from ExtremeAugLogic.workspace.status import now_iso
-
-
-
-def prediction_files(workspace, case_id: str) -> tuple[Path, Path]:
-    """(label map, record) of a worklist scan's waiting prediction."""
-    return workspace.worklist_prediction_files(case_id)
-
-
-def read_record(workspace, case_id: str) -> dict | None:
-    """The record of a waiting prediction, or None when there is none (or it is unusable)."""
-    return workspace.waiting_prediction(case_id)
 
 
 def uncertainty(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -42,15 +29,10 @@ def uncertainty(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(entropy.mean())
 
 
-def worklist_state(workspace, order: str = "added") -> list[dict]:
-    """Every worklist scan with its prediction state (see ``Workspace.worklist_state``)."""
-    return workspace.worklist_state(order)
-
-
 def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
     """Predict every worklist scan whose waiting prediction is missing or stale; returns what was done."""
     best = workspace.best_version()
-    todo = [row for row in worklist_state(workspace) if row["state"] != "ready"]
+    todo = [row for row in workspace.worklist_state() if row["state"] != "ready"]
     if best is None or not todo:
         return []
     device = resolve_device(device)
@@ -60,7 +42,7 @@ def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
         image = imageio.read_image(workspace.image_path(row["id"]))
         probabilities = recipe.predict_probabilities(model, config, image, device)
         labels = labels_from_probabilities(probabilities, config)
-        label_path, record_path = prediction_files(workspace, row["id"])
+        label_path, record_path = workspace.worklist_prediction_files(row["id"])
         imageio.write_image(to_label_image(labels, image), label_path)
         record = {"version": name, "uncertainty": round(uncertainty(probabilities, labels), 5),
                   "predicted_at": now_iso(), "foreground_voxels": int((labels > 0).sum())}

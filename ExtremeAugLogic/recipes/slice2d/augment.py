@@ -161,12 +161,6 @@ def augment_intensity(x: torch.Tensor, ranges: IntensityRanges,
     return x
 
 
-def jitter_intensity(x: torch.Tensor, gamma: float, contrast: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random gamma and contrast per sample (``augment_intensity`` with only those two)."""
-    return augment_intensity(x, IntensityRanges(gamma=gamma, contrast=contrast), generator)
-
-
 class OnTheFlySampler:
     """Random batches from base patches x N transforms, generated on the device each step."""
 
