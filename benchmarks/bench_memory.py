@@ -48,7 +48,7 @@ def write_offline(case, settings: dict, level: int, folder: Path) -> dict:
     config = recipe.fit_config([case], int(sitk.GetArrayViewFromImage(case.label).max()) + 1)
     images, labels, centres = recipe.training_slices(config, [case], seed=0)
     start = time.perf_counter()
-    info = augment.write_offline_dataset(torch.from_numpy(images)[:, None], torch.from_numpy(labels)[:, None],
+    info = augment.write_offline_dataset(torch.from_numpy(images), torch.from_numpy(labels)[:, None],
                                          centres, level, augment.AugmentationRanges.from_settings(s), folder,
                                          s["patch_size"], seed=0, padding=s["padding"])
     return {"samples": info["samples"], "base_patches": len(centres), "seconds": time.perf_counter() - start,

@@ -50,7 +50,7 @@ SETS = {
 METHODS = ("ours", "baseline")
 QUICK_IVD = ["ivd11"]
 # must match between a results file and the run that continues it
-CONFIG_KEYS = ("set", "minutes", "seed", "device", "set_options", "validate_cases", "unlabeled")
+CONFIG_KEYS = ("set", "minutes", "iterations", "seed", "device", "set_options", "validate_cases", "unlabeled")
 
 
 def structure_names(name: str) -> dict:
@@ -149,7 +149,8 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
     if args.unlabeled:
         add_worklist(ws, validate, data)
     options = [x for kv in args.set_option for x in ("--set", kv)]
-    training = run_measured_child(engine("train", ws, "--minutes", args.minutes, "--quiet", "--seed", args.seed,
+    budget = ("--iterations", args.iterations) if args.iterations else ("--minutes", args.minutes)
+    training = run_measured_child(engine("train", ws, *budget, "--quiet", "--seed", args.seed,
                                          "--device", args.device, *options), log)
     version = json.loads((ws / "extremeaug.json").read_text())["versions"][-1]
     if version.get("status") != "done":
@@ -277,12 +278,15 @@ def render(results: dict, command: str, png: Path | None) -> str:
     lines = [f"# Cross-scan generalisation: {cfg['set']}, {cfg['label']}", "",
              f"- command: `{command}`",
              f"- machine: {'; '.join(machines)}",
-             f"- budget: {cfg['minutes']:g} min wall clock per training, the same for both methods, one training at "
-             f"a time; seed {cfg['seed']}, device {cfg['device']}",
+             (f"- budget: {cfg['iterations']} iterations per training (exploration: immune to a busy machine, "
+              f"not a wall-clock comparison); seed {cfg['seed']}, device {cfg['device']}" if cfg.get("iterations") else
+              f"- budget: {cfg['minutes']:g} min wall clock per training, the same for both methods, one training at "
+              f"a time; seed {cfg['seed']}, device {cfg['device']}"),
              f"- protocol: one model per training scan, trained from that scan alone ({', '.join(train_cases)}); "
              f"scored on {'every other scan of the set' if not cfg['validate_cases'] else ', '.join(cfg['validate_cases'])}"
              " (the training scan excluded)",
-             f"- ours: `python -m ExtremeAugLogic train --minutes {cfg['minutes']:g}`"
+             f"- ours: `python -m ExtremeAugLogic train "
+             + (f"--iterations {cfg['iterations']}`" if cfg.get("iterations") else f"--minutes {cfg['minutes']:g}`")
              + "".join(f" --set {o}" for o in cfg["set_options"])
              + (" with the other scans added as an unlabeled worklist" if cfg["unlabeled"] else "")
              + "; engine defaults otherwise, prediction with its default post-processing",
@@ -402,7 +406,8 @@ def plot(results: dict, png: Path) -> None:
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=10, alpha=0.5, color="k")
     ax.set_ylabel("binary Dice (training scan -> validation scan)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{cfg['set']}: {cfg['minutes']:g} min per training, {cfg['label']}")
+    budget = f"{cfg['iterations']} iterations" if cfg.get("iterations") else f"{cfg['minutes']:g} min"
+    ax.set_title(f"{cfg['set']}: {budget} per training, {cfg['label']}")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -421,6 +426,8 @@ def parse_args(argv=None):
                         help="scored scans (default: every scan of the set but the training scan)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="wall-clock budget per training, both methods (default: the engine's CPU default, 8)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="exploration only: an iteration budget for ours instead of minutes (no baseline)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--set-option", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe setting for ours, passed to train as --set (repeatable)")
@@ -446,6 +453,8 @@ def parse_args(argv=None):
         args.minutes = default_minutes()
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
+    if args.iterations is not None and (args.iterations <= 0 or "baseline" in args.methods):
+        parser.error("--iterations must be positive and is for --methods ours only")
     for pair in args.set_option:
         if "=" not in pair or pair.startswith("="):
             parser.error(f"--set-option {pair}: expected KEY=VALUE")
@@ -485,7 +494,7 @@ def main(argv=None) -> int:
     names = structure_names(args.set)
     labels = sorted(names)
     command = "python benchmarks/generalisation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    config = {"set": args.set, "minutes": args.minutes, "seed": args.seed, "device": args.device,
+    config = {"set": args.set, "minutes": args.minutes, "iterations": args.iterations, "seed": args.seed, "device": args.device,
               "set_options": list(args.set_option), "validate_cases": args.validate_cases,
               "unlabeled": args.unlabeled, "label": args.label, "methods": list(args.methods),
               "train_cases": list(train_cases), "names": {str(k): v for k, v in names.items()}, "command": command}

@@ -24,7 +24,8 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize("field,value", [("gamma", 1.5), ("contrast", 1.5), ("brightness", 0.2),
-                                         ("bias_field", 0.3), ("noise_std", 0.1)])
+                                         ("bias_field", 0.3), ("noise_std", 0.1), ("remap", 1.0),
+                                         ("random_conv", 1.0)])
 def test_each_intensity_change_acts_alone_and_is_reproducible(field, value):
     x = _batch()
     ranges = augment.IntensityRanges(**{field: value})
@@ -47,6 +48,40 @@ def test_intensity_ranges_hold():
     noisy = augment.augment_intensity(x, augment.IntensityRanges(noise_std=0.05), torch.Generator().manual_seed(0))
     per_sample = (noisy - x).std(dim=(1, 2, 3))
     assert per_sample.max() <= 0.05 * 1.3 and per_sample.min() < 0.02  # std drawn in [0, 0.05]
+
+
+def test_remapped_intensities_keep_their_order_and_range():
+    x = _batch(1)
+    y = augment.remap_intensity(x, 1.0, torch.Generator().manual_seed(0))
+    for a, b in zip(x.reshape(len(x), -1), y.reshape(len(y), -1)):
+        order = a.argsort()
+        assert torch.all(b[order][1:] >= b[order][:-1] - 1e-6)  # an increasing curve: no two tissues swap
+        assert b.min() >= a.min() - 1e-6 and b.max() <= a.max() + 1e-6
+    assert not torch.allclose(x, y)
+    kept = augment.remap_intensity(x, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, x)  # probability 0: untouched
+
+
+def test_random_convolution_keeps_each_sample_mean_and_changes_texture():
+    x = _batch(2)
+    y = augment.random_convolution(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-4)
+    assert (y - x).abs().mean() > 0.01
+    assert torch.equal(augment.random_convolution(x, 0.0, torch.Generator().manual_seed(0)), x)
+    three = torch.rand((4, 3, 16, 16))  # 2.5D input: every channel goes through the same sample's network
+    assert augment.random_convolution(three, 1.0, torch.Generator().manual_seed(0)).shape == three.shape
+
+
+def test_foreground_is_decided_before_the_structure():
+    # a boundary voxel: background 0.4, its foreground split 0.3 / 0.3 between two levels
+    probabilities = np.zeros((3, 4, 4, 4), np.float32)
+    probabilities[0] = 1.0
+    probabilities[:, 1:3, 1:3, 1:3] = np.array([0.1, 0.8, 0.1])[:, None, None, None]
+    probabilities[:, 1, 1, 1] = [0.4, 0.3, 0.3]
+    per_object = labels_from_probabilities(probabilities, {"settings": {}}, "per-object", 0)
+    assert per_object[1, 1, 1] == 1 and (per_object > 0).sum() == 8
+    off = labels_from_probabilities(probabilities, {"settings": {}}, "off", 0)
+    assert off[1, 1, 1] == 0  # the plain argmax loses it
 
 
 def _stack_probabilities(levels, shape=(50, 12, 12), soft=0.9):
@@ -104,3 +139,22 @@ def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ExtremeAugLogic", "predict", ws.path, "--image", pairs[1][0],
                           "--output", tmp_path / "x.nii.gz", "--objects", "sideways"], capture_output=True, text=True)
     assert bad.returncode == 2 and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_2_5d_model_trains_and_predicts_on_the_scan_grid(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pairs = phantom.write_phantom_set(folder, 2, seed0=7, shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0))
+    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
+    ws.add_case(*pairs[0])
+    small = {"inplane_size": 48, "patch_size": 48, "stride": 24, "base_features": 4, "depth": 3, "max_features": 16,
+             "batch_size": 4, "context_slices": 1, "context_step": 2, "remap": 0.5, "random_conv": 0.5}
+    train(TrainRequest(str(ws.path), iterations=3, settings=small, progress_bar=False))
+    from ExtremeAugLogic.inference.predict import load_model
+
+    recipe, config, model, _ = load_model(ws, None, "cpu")
+    assert model.stem.conv.unit0.conv.in_channels == 3  # the slice and one neighbour on each side
+    image = sitk.ReadImage(str(pairs[1][0]))
+    probabilities = recipe.predict_probabilities(model, config, image, "cpu")
+    assert probabilities.shape == (config["num_classes"], *sitk.GetArrayViewFromImage(image).shape)
+    assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-4)

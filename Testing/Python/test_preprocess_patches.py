@@ -109,3 +109,16 @@ def test_foreground_sampling_puts_foreground_in_most_patches():
     assert fg_stats["foreground_fraction"] > 0.6
     centred = fg[[labels[s, r, c] > 0 for s, r, c in fg]]
     assert {int(labels[s, r, c]) for s, r, c in centred} == {1, 2}  # every structure is a centre
+
+
+def test_neighbouring_slices_become_channels_in_order():
+    from ExtremeAugLogic.recipes.slice2d.preprocess import with_neighbours
+
+    slices = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, 2, 2), np.float32)
+    plain = with_neighbours(slices, 0, 1)
+    assert plain.shape == (5, 1, 2, 2) and np.array_equal(plain[:, 0], slices)
+    context = with_neighbours(slices, 1, 2)
+    assert context.shape == (5, 3, 2, 2)
+    assert context[2, :, 0, 0].tolist() == [0, 2, 4]  # slice 2 with slices 0 and 4 (two apart)
+    assert context[0, :, 0, 0].tolist() == [0, 0, 2]  # the scan's edge repeats
+    assert context[4, :, 0, 0].tolist() == [2, 4, 4]

@@ -123,16 +123,19 @@ class IntensityRanges:
     brightness: float = 0.0
     bias_field: float = 0.0
     noise_std: float = 0.0
+    remap: float = 0.0
+    random_conv: float = 0.0
 
     @classmethod
     def from_settings(cls, s: dict) -> "IntensityRanges":
         return cls(float(s.get("gamma", 1.0)), float(s.get("contrast", 1.0)), float(s.get("brightness", 0.0)),
-                   float(s.get("bias_field", 0.0)), float(s.get("noise_std", 0.0)))
+                   float(s.get("bias_field", 0.0)), float(s.get("noise_std", 0.0)),
+                   float(s.get("remap", 0.0)), float(s.get("random_conv", 0.0)))
 
     @property
     def active(self) -> bool:
         return self.gamma > 1.0 or self.contrast > 1.0 or self.brightness > 0 or self.bias_field > 0 \
-            or self.noise_std > 0
+            or self.noise_std > 0 or self.remap > 0 or self.random_conv > 0
 
 
 def augment_intensity(x: torch.Tensor, ranges: IntensityRanges,
@@ -145,6 +148,10 @@ def augment_intensity(x: torch.Tensor, ranges: IntensityRanges,
     def uniform(low, high):
         return low + (high - low) * torch.rand(shape, device=x.device, generator=generator)
 
+    if ranges.remap > 0:
+        x = remap_intensity(x, ranges.remap, generator)
+    if ranges.random_conv > 0:
+        x = random_convolution(x, ranges.random_conv, generator)
     if ranges.gamma > 1.0:
         x = x.clamp(min=0) ** torch.exp(uniform(-1, 1) * np.log(ranges.gamma))
     if ranges.contrast > 1.0:
@@ -159,6 +166,62 @@ def augment_intensity(x: torch.Tensor, ranges: IntensityRanges,
         noise = torch.randn(x.shape, device=x.device, generator=generator)
         x = x + noise * uniform(0, ranges.noise_std)
     return x
+
+
+REMAP_KNOTS = 6
+
+
+def remap_intensity(x: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """With ``probability`` per sample, pass intensities through a random increasing curve.
+
+    The curve is piecewise linear through ``REMAP_KNOTS`` evenly spaced inputs over the sample's
+    own range, their outputs sorted uniform draws: one tissue may turn brighter than its
+    neighbour's old value, as fat or fluid do between scans, while the order of intensities is kept.
+    """
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    t = (flat - low) / (high - low).clamp(min=1e-6) * (REMAP_KNOTS - 1)
+    inner = torch.rand((b, REMAP_KNOTS - 2), device=x.device, generator=generator).sort(dim=1).values
+    knots = torch.cat([torch.zeros((b, 1), device=x.device), inner, torch.ones((b, 1), device=x.device)], dim=1)
+    index = t.floor().clamp(0, REMAP_KNOTS - 2).long()
+    frac = t - index
+    below, above = knots.gather(1, index), knots.gather(1, index + 1)
+    curved = (below + frac * (above - below)) * (high - low) + low
+    apply = torch.rand((b, 1), device=x.device, generator=generator) < probability
+    return torch.where(apply, curved, flat).reshape(x.shape)
+
+
+def random_convolution(x: torch.Tensor, probability: float, generator: torch.Generator | None = None,
+                       width: int = 4, layers: int = 3) -> torch.Tensor:
+    """With ``probability`` per sample, blend it with the output of a random shallow network.
+
+    Global intensity non-linear augmentation (Ouyang et al., single-source domain generalisation):
+    each sample gets its own random 3x3-then-1x1 convolutions with leaky ReLUs (one grouped
+    convolution for the batch), rescaled to the sample's mean and standard deviation and mixed
+    with the sample by a random weight. Shapes survive, textures and contrasts change.
+    """
+    b, c, h, w = x.shape
+    device = x.device
+    # every channel (a 2.5D input's neighbouring slices) goes through its sample's network
+    y = x.reshape(1, b * c, h, w)
+    channels = 1
+    for layer in range(layers):
+        out = 1 if layer == layers - 1 else width
+        k = 3 if layer == 0 else 1
+        weight = torch.randn((b, out, channels, k, k), device=device, generator=generator) / np.sqrt(channels * k * k)
+        weight = weight.repeat_interleave(c, dim=0).reshape(b * c * out, channels, k, k)
+        y = F.conv2d(y, weight, padding=k // 2, groups=b * c)
+        if layer < layers - 1:
+            y = F.leaky_relu(y, 0.2)
+        channels = out
+    y = y.reshape(b, c, h, w)
+    dims = tuple(range(1, x.dim()))
+    y = (y - y.mean(dims, keepdim=True)) / y.std(dims, keepdim=True).clamp(min=1e-6)
+    y = y * x.std(dims, keepdim=True) + x.mean(dims, keepdim=True)
+    alpha = torch.rand((b, 1, 1, 1), device=device, generator=generator)
+    apply = (torch.rand((b, 1, 1, 1), device=device, generator=generator) < probability).float()
+    return x + apply * alpha * (y - x)
 
 
 class OnTheFlySampler:

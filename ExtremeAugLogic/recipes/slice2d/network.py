@@ -2,7 +2,8 @@
 
 A stem convolution, ``depth`` (5) residual down-sampling stages with filters doubling
 (capped at ``max_features``), a central residual stage, ``depth`` residual up-sampling stages
-with U-Net skip connections (concatenation), 3x3 convolutions, ReLU, one input channel.
+with U-Net skip connections (concatenation), 3x3 convolutions, ReLU, one input channel (more
+for 2.5D input: the slice and its neighbours).
 The head gives one logit for a single structure (sigmoid) or K+1 logits (softmax).
 """
 
@@ -19,15 +20,15 @@ def stage_features(base: int, depth: int, max_features: int) -> list[int]:
 
 
 class ResUNet2D(nn.Module):
-    """Residual U-Net for (B, 1, H, W) inputs with H and W divisible by 2**depth."""
+    """Residual U-Net for (B, in_channels, H, W) inputs with H and W divisible by 2**depth."""
 
     def __init__(self, out_channels: int, base_features: int = 16, depth: int = 5,
-                 max_features: int = 256, norm: str = "INSTANCE"):
+                 max_features: int = 256, norm: str = "INSTANCE", in_channels: int = 1):
         super().__init__()
         feats = stage_features(base_features, depth, max_features)
         block = dict(spatial_dims=2, kernel_size=3, act="RELU", norm=norm)
         self.depth = depth
-        self.stem = ResidualUnit(in_channels=1, out_channels=feats[0], strides=1, **block)
+        self.stem = ResidualUnit(in_channels=in_channels, out_channels=feats[0], strides=1, **block)
         self.down = nn.ModuleList(
             ResidualUnit(in_channels=feats[i], out_channels=feats[i + 1], strides=2, **block)
             for i in range(depth))

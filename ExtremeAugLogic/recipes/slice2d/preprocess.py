@@ -187,6 +187,17 @@ def from_slices(probabilities: np.ndarray, geometry: SliceGeometry) -> np.ndarra
     return np.moveaxis(out, 1, geometry.axis + 1)
 
 
+def with_neighbours(slices: np.ndarray, count: int, step: int) -> np.ndarray:
+    """(S, H, W) slices -> (S, 2 * count + 1, H, W): each slice with ``count`` neighbours on
+    each side, ``step`` slices apart, in order (edge slices repeat at the ends of the scan).
+
+    ``count`` 0 gives (S, 1, H, W): plain 2D input.
+    """
+    offsets = np.arange(-count, count + 1) * max(int(step), 1)
+    index = np.clip(np.arange(len(slices))[:, None] + offsets[None], 0, len(slices) - 1)
+    return slices[index]
+
+
 @dataclass
 class SliceStack:
     """A preprocessed scan: square slices of intensities (and labels) plus the geometry."""

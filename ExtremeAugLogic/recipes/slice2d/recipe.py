@@ -39,12 +39,16 @@ DEFAULTS_2D = {
     "brightness": 0.1,           # shift in [-b, b]
     "bias_field": 0.3,           # smooth shading exp(f), |f| <= this
     "noise_std": 0.05,           # Gaussian noise, std up to this
+    "remap": 0.0,                # probability of a random increasing intensity curve (augment.remap_intensity)
+    "random_conv": 0.0,          # probability of a random shallow-network blend (augment.random_convolution)
     "objects": "ordered",        # after prediction: off | per-object | ordered (inference.labels_from_probabilities);
                                  # ordered: per-structure Dice 0.275 -> 0.372 on 42 unseen pairs, same models
     "unlabeled": "off",          # the worklist scans: off | self-training (training.trainer, pseudo-labels);
                                  # mixed at 2 minutes: per-structure +0.04, binary -0.02 (generalisation-explore)
     "pseudo_label_at": 0.6,      # fraction of the budget after which the worklist is pseudo-labelled
     "pseudo_label_confidence": 0.9,  # a scan joins when its mean top probability inside the structures is this high
+    "context_slices": 0,         # 2.5D input: this many neighbouring slices on each side as extra channels
+    "context_step": 1,           # ... this many slices apart
     "batch_size": 16,
     "learning_rate": 2e-3,
     "base_features": 8,
@@ -58,7 +62,8 @@ DEFAULTS_2D = {
 # patches with stride 64, +/-50 px shifts, 16 base filters.
 PAPER_2D = {**DEFAULTS_2D, "inplane_size": 256, "inplane_fit": "stretch", "sampling": "grid",
             "translation_px": 50.0, "base_features": 16, "max_features": 256, "objects": "off", "unlabeled": "off",
-            "intensity": "match", "gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0}
+            "intensity": "match", "gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0,
+            "remap": 0.0, "random_conv": 0.0}
 
 
 class Recipe2D(Recipe):
@@ -87,7 +92,8 @@ class Recipe2D(Recipe):
 
     def build_model(self, config: dict):
         s = config["settings"]
-        return ResUNet2D(_out_channels(config), s["base_features"], s["depth"], s["max_features"])
+        return ResUNet2D(_out_channels(config), s["base_features"], s["depth"], s["max_features"],
+                         in_channels=_in_channels(s))
 
     def preprocess(self, config: dict, image, label=None) -> PreparedCase:
         """Square slices of the scan (and label) along the slice axis, with the slice plan."""
@@ -97,15 +103,19 @@ class Recipe2D(Recipe):
     def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int):
         s = config["settings"]
         if s.get("offline_dir"):
+            if _in_channels(s) > 1:
+                raise InputError("offline_dir holds single-slice patches; it cannot train 2.5D input "
+                                 "(context_slices > 0)")
             return augment.OfflineSampler(s["offline_dir"], s["batch_size"], seed, device)
         images, labels, centres = self.training_slices(config, cases, seed)
         return augment.OnTheFlySampler(
-            torch.from_numpy(images)[:, None].to(device), torch.from_numpy(labels)[:, None].to(device),
+            torch.from_numpy(images).to(device), torch.from_numpy(labels)[:, None].to(device),
             centres, s["level"], augment.AugmentationRanges.from_settings(s), s["patch_size"],
             s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s))
 
     def training_slices(self, config: dict, cases: list[CaseData], seed: int):
-        """All cases' slices stacked, with the base patch centres (slice ids offset per case)."""
+        """All cases' slices (S, C, H, W: C = 1 + 2 * context_slices) stacked, labels (S, H, W),
+        and the base patch centres (slice ids offset per case)."""
         s = config["settings"]
         stacks, all_centres, offset = [], [], 0
         for i, case in enumerate(cases):
@@ -116,7 +126,7 @@ class Recipe2D(Recipe):
             offset += len(stack.image)
             stacks.append(stack)
             all_centres.append(centres)
-        images = np.concatenate([st.image for st in stacks])
+        images = np.concatenate([self._input_channels(s, st.image) for st in stacks])
         labels = np.concatenate([st.label for st in stacks])
         return images, labels, np.concatenate(all_centres)
 
@@ -134,17 +144,27 @@ class Recipe2D(Recipe):
                               progress: ProgressCallback = None) -> np.ndarray:
         s = config["settings"]
         stack = self.preprocess(config, image)
-        slices = stack.image
+        slices = self._input_channels(s, stack.image)
         roi = (s["patch_size"], s["patch_size"])
         chunk = 16 if str(device) == "cpu" else 64
-        out = np.zeros((config["num_classes"], *slices.shape), dtype=np.float32)
+        out = np.zeros((config["num_classes"], *stack.image.shape), dtype=np.float32)
         for start in range(0, len(slices), chunk):
-            x = torch.from_numpy(slices[start:start + chunk])[:, None].to(device)
+            x = torch.from_numpy(slices[start:start + chunk]).to(device)
             p = window_probabilities(model, x, roi, device, overlap=s["overlap"], tta=tta)
             out[:, start:start + len(x)] = p.permute(1, 0, 2, 3).cpu().numpy()
             if progress:
                 progress(min(start + chunk, len(slices)), len(slices))
         return preprocess.from_slices(out, stack.geometry)
+
+    @staticmethod
+    def _input_channels(settings: dict, slices: np.ndarray) -> np.ndarray:
+        """The network's input for (S, H, W) slices: (S, C, H, W), 2.5D when ``context_slices`` > 0."""
+        return preprocess.with_neighbours(slices, int(settings.get("context_slices", 0)),
+                                          int(settings.get("context_step", 1)))
+
+
+def _in_channels(settings: dict) -> int:
+    return 1 + 2 * int(settings.get("context_slices", 0))
 
 
 def _out_channels(config: dict) -> int:
