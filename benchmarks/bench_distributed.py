@@ -113,9 +113,11 @@ def main() -> None:
     train, validate, description = data_sets(args.quick, work)
     command = ("python benchmarks/bench_distributed.py" + (" --quick" if args.quick else "")
                + f" --device {args.device} --processes {' '.join(map(str, counts))}"
-               + (f" --seconds {args.seconds:g}" if args.seconds else "") + (f" --minutes {args.minutes:g}" if args.minutes else "")
+               + (f" --seconds {args.seconds:g}" if args.seconds else "")
+               + (f" --minutes {args.minutes:g}" if args.minutes else "")
                + (" --skip-target" if args.skip_target else ""))
-    lines = [f"# Training on 1 and several processes ({args.device}, 2D model{', QUICK: not a result' if args.quick else ''})",
+    quick = ", QUICK: not a result" if args.quick else ""
+    lines = [f"# Training on 1 and several processes ({args.device}, 2D model{quick})",
              "", f"- machine: {machine()}", f"- command: `{command}`",
              f"- data: {description}" + (f"; quick settings {settings}" if settings else ""),
              "- a step of N processes trains on N x batch_size samples (batch_size per process); same learning rate", "",
@@ -134,7 +136,8 @@ def main() -> None:
         print(lines[-1], file=sys.stderr, flush=True)
     if not args.skip_target:
         budget = ["--iterations", "4"] if args.quick else ["--minutes", f"{minutes:g}"]
-        lines += ["", f"## Time to the one-scan target ({'4 iterations' if args.quick else f'{minutes:g} min'} per run)", "",
+        per_run = "4 iterations" if args.quick else f"{minutes:g} min"
+        lines += ["", f"## Time to the one-scan target ({per_run} per run)", "",
                   f"Target: binary validation Dice >= {USABLE_DICE} at the end (all {len(validate)} validation scans); "
                   f"the first validation during training at >= {USABLE_DICE} is per-structure on 2 scans.", "",
                   "| processes | iterations | samples seen | first validation >= target (s) | final binary Dice | "

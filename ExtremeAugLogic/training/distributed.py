@@ -47,14 +47,6 @@ class LeaderFailed(Exception):
     """Raised on the other ranks when rank 0 failed a step it leads; rank 0 reports why."""
 
 
-def environment_rank() -> int:
-    """This process's rank from torchrun's environment (0 without torchrun); standard library only."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 @dataclass
 class Place:
     """This process's place among the training processes (rank 0 of 1 without torchrun)."""

@@ -125,16 +125,19 @@ def test_rank_zero_draws_what_one_process_draws_and_other_ranks_differ():
     # the level-N data set is the same on every rank: transform k of patch p does not depend on the rank
     a, b = sampler(10, 0), sampler(10, 1)
     ids, k = torch.arange(3), torch.tensor([0, 4, 9])
-    assert all(torch.equal(u, v) for u, v in zip(augment.transform_parameters(a.ranges, 3, "cpu", a.seed, ids, k).values(),
-                                                augment.transform_parameters(b.ranges, 3, "cpu", b.seed, ids, k).values()))
+    fixed_a = augment.transform_parameters(a.ranges, 3, "cpu", a.seed, ids, k)
+    fixed_b = augment.transform_parameters(b.ranges, 3, "cpu", b.seed, ids, k)
+    assert all(torch.equal(fixed_a[name], fixed_b[name]) for name in fixed_a)
 
     volume = np.random.default_rng(0).random((12, 16, 16)).astype(np.float32)
     label = (volume > 0.5).astype(np.uint8)
     ranges = augment3d.Ranges3D.from_settings({"rotation_deg": 15.0, "scale": [0.9, 1.1], "translation_frac": 0.2,
                                                "elastic_mm": 0.0, "elastic_points": 4, "noise_std": 0.1,
                                                "fg_fraction": 0.5})
-    make = lambda **rank: augment3d.PatchSampler3D([volume], [label], (8, 8, 8), (1.0, 1.0, 1.0), 2, 0, ranges,  # noqa: E731
-                                                   "cpu", 3, **rank)
+
+    def make(**rank):
+        return augment3d.PatchSampler3D([volume], [label], (8, 8, 8), (1.0, 1.0, 1.0), 2, 0, ranges, "cpu", 3, **rank)
+
     assert torch.equal(make().batch(4)[0], make(rank=0).batch(4)[0])
     assert not torch.allclose(make(rank=0).batch(4)[0], make(rank=1).batch(4)[0])
 
@@ -196,7 +199,8 @@ def test_two_processes_train_one_version_whose_loss_falls(trained):
     assert [v["name"] for v in ws.versions()] == ["v1"]
     record = ws.version("v1")
     assert record["status"] == "done" and record["iterations"] == 40 and record["world_size"] == 2
-    check_version_record(json.loads((ws.model_dir("v1") / "version.json").read_text()), ws.model_dir("v1") / "version.json")
+    stored = ws.model_dir("v1") / "version.json"
+    check_version_record(json.loads(stored.read_text()), stored)
     status = read_status(ws.status_path)
     assert status["phase"] == "done" and status["iteration"] == 40 and status["world_size"] == 2
     assert status["pid"] == record["pid"]
@@ -223,7 +227,7 @@ def test_only_rank_zero_writes_in_the_workspace(trained):
 # ------------------------------------------------------------ SIGTERM to the launcher, then --resume
 
 def _start_and_stop(ws, processes, *extra, after_iteration):
-    """Start training, SIGTERM the launcher at ``after_iteration``; (seconds until it ended, all ranks gone, its stderr)."""
+    """Train, SIGTERM the launcher at ``after_iteration``; (seconds until it ended, all ranks gone, its output)."""
     output = ws.path.parent / f"torchrun-{time.monotonic_ns()}.log"
     with open(output, "wb") as out:
         process = subprocess.Popen(_torchrun(processes, "train", ws.path, "--quiet", *extra), env=_env(),
