@@ -97,6 +97,7 @@ class ExtremeAugParameterNode:
     segmentation - its delineation (or the prediction being corrected).
     modelVersion - version used to segment ("" = the best one).
     modelType, level, minutes, device - training settings.
+    processes - training processes (1; more: torchrun, one per GPU or several on the CPU).
     pythonExecutable - Python that runs the engine (Slicer's own by default).
     """
 
@@ -108,6 +109,7 @@ class ExtremeAugParameterNode:
     level: Annotated[int, WithinRange(0, 1000)] = 50
     minutes: Annotated[float, WithinRange(0.5, 1440.0), Decimals(1)] = 8.0
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    processes: Annotated[int, WithinRange(1, 64)] = 1
     pythonExecutable: pathlib.Path = pathlib.Path(defaultPythonExecutable())
 
 
@@ -283,7 +285,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self.logic.ensureDependencies()
         self.logic.startTraining(minutes=p.minutes, level=p.level, modelType=p.modelType, device=p.device,
-                                 initFrom=initFrom)
+                                 initFrom=initFrom, processes=p.processes)
         self._chartPoints = 0
         self.ui.chartLabel.clear()
         self.ui.chartLabel.text = _("Waiting for the first training iterations...")

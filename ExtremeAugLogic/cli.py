@@ -2,13 +2,15 @@
 
 Every bad input ends with one line on stderr naming the file and what is wrong, exit code 2,
 no traceback, and the workspace unchanged. Each command imports what it needs when it runs,
-so ``--help`` and ``status`` answer without loading torch.
+so ``--help`` and ``status`` answer without loading torch. Under torchrun (``train`` on several
+processes) only rank 0 prints: the other ranks' errors are rank 0's own, already printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("auto", "train", "validation"), default="auto")
     p.add_argument("--names", help="structure names as JSON or a JSON file")
 
-    p = sub.add_parser("train", help="train a new model version (runs until its budget is spent)")
+    p = sub.add_parser("train", help="train a new model version (runs until its budget is spent)",
+                       description="Train a new model version. On several GPUs or CPU processes: "
+                                   "torchrun --standalone --nproc-per-node N -m ExtremeAugLogic train WORKSPACE ... "
+                                   "(batch_size is per process; the learning rate is unchanged).")
     p.add_argument("workspace")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="wall-clock budget (default 8 on CPU, 1 on GPU)")
@@ -156,11 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _rank0():
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _rank0() -> bool:
+    """Whether this process prints: always, except the ranks other than 0 of a torchrun training."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_init(args) -> int:
@@ -205,8 +216,11 @@ def cmd_train(args) -> int:
     except InputError:
         raise
     except Exception as exc:
-        print(f"error: training failed: {type(exc).__name__}: {exc} (details in status.json)", file=sys.stderr)
+        if _rank0():
+            print(f"error: training failed: {type(exc).__name__}: {exc} (details in status.json)", file=sys.stderr)
         return EXIT_FAILED
+    if not _rank0():
+        return 0
     print(result["message"])
     if result.get("is_best") and not args.no_predict_worklist:
         from ExtremeAugLogic.inference.worklist import predict_worklist
@@ -253,9 +267,11 @@ def cmd_status(args) -> int:
     ws = Workspace.open(args.workspace)
     state = read_status(ws.status_path)
     if state:
+        world = state.get("world_size") if isinstance(state.get("world_size"), int) else 1
         print(f"training: {state.get('phase')} {state.get('version') or ''} it {state.get('iteration')}/"
               f"{state.get('total')} loss {state.get('loss')} val Dice {state.get('val_dice')} "
-              f"ETA {format_eta(state.get('eta_s'))} {state.get('error') or ''}")
+              f"ETA {format_eta(state.get('eta_s'))}{f' on {world} processes' if world > 1 else ''} "
+              f"{state.get('error') or ''}")
     worklist = [c["id"] for c in ws.worklist_cases()]
     print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation, "
           f"{len(worklist)} in the worklist{' (' + ', '.join(worklist) + ')' if worklist else ''}")

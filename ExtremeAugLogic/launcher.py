@@ -20,6 +20,7 @@ from pathlib import Path
 from ExtremeAugLogic import contract
 
 ENGINE_PACKAGE = "ExtremeAugLogic"
+TORCHRUN_MODULE = "torch.distributed.run"  # ``torchrun``, run from the chosen Python
 
 try:
     import psutil
@@ -32,12 +33,23 @@ def engineRoot():
     return Path(__file__).resolve().parent.parent
 
 
-def engineCommand(pythonExecutable, *args):
-    """``[python, -m, ExtremeAugLogic, *args]`` with every argument one element."""
+def engineCommand(pythonExecutable, *args, processes=1):
+    """``[python, -m, ExtremeAugLogic, *args]`` with every argument one element.
+
+    With ``processes`` > 1 (a training on several GPUs or CPU processes) the same engine
+    command under torchrun, from the same Python: ``[python, -m, torch.distributed.run,
+    --standalone, --nproc-per-node, N, -m, ExtremeAugLogic, *args]``. ``--standalone`` gives
+    each training its own free port, so several trainings can share a server.
+    """
     if not pythonExecutable:
         raise ValueError("No Python executable given for the engine.")
-    return [os.fspath(pythonExecutable), "-m", ENGINE_PACKAGE, *(os.fspath(a) if isinstance(a, os.PathLike) else str(a)
-                                                               for a in args)]
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"The number of training processes must be a whole number of at least 1, got {processes!r}.")
+    python = os.fspath(pythonExecutable)
+    engine = ["-m", ENGINE_PACKAGE, *(os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args)]
+    if processes == 1:
+        return [python, *engine]
+    return [python, "-m", TORCHRUN_MODULE, "--standalone", "--nproc-per-node", str(processes), *engine]
 
 
 def engineEnvironment(root=None, baseEnvironment=None):
@@ -267,12 +279,16 @@ class EngineProcess:
         return _tail(self.stdoutPath, lines)
 
     def lastError(self, status=None):
-        """Best error text: the status file's ``error``, else the last stderr line, else the exit code."""
+        """Best error text: the status file's ``error``, else the engine's last ``error:`` line (torchrun
+        adds its own report after it), else the last stderr line, else the exit code."""
         if status and status.get("error"):
             return str(status["error"])
-        tail = [line for line in self.stderrTail(50).splitlines() if line.strip()]
+        tail = [line.strip() for line in self.stderrTail(200).splitlines() if line.strip()]
+        errors = [line for line in tail if line.startswith("error:")]
+        if errors:
+            return errors[-1]
         if tail:
-            return tail[-1].strip()
+            return tail[-1]
         code = self.returnCode()
         if code not in (None, 0):
             return f"engine exited with code {code}"

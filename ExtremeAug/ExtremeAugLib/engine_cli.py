@@ -61,11 +61,16 @@ def addCommand(pythonExecutable, workspace, image, label, caseId=None, corrected
 
 
 def trainCommand(pythonExecutable, workspace, minutes=None, iterations=None, level=None, device=None,
-                 resume=False, initFrom=None, modelType=None):
-    """``train``: a time (minutes) or iteration budget, never both."""
+                 resume=False, initFrom=None, modelType=None, processes=1):
+    """``train``: a time (minutes) or iteration budget, never both.
+
+    ``processes`` > 1: the same command under torchrun from the same Python (one process per
+    GPU, or several CPU processes), e.g. ``[python, -m, torch.distributed.run, --standalone,
+    --nproc-per-node, 2, -m, ExtremeAugLogic, train, ...]``.
+    """
     if minutes is not None and iterations is not None:
         raise ValueError("Give a training budget in minutes or in iterations, not both.")
-    args = baseCommand(pythonExecutable) + ["train", os.fspath(workspace)]
+    args = launcher.engineCommand(pythonExecutable, "train", os.fspath(workspace), processes=int(processes or 1))
     if minutes is not None:
         if not float(minutes) > 0:
             raise ValueError(f"Training minutes must be positive, got {minutes}.")

@@ -270,8 +270,12 @@ class LoopLogic:
         return process is not None and process.isRunning()
 
     def startTraining(self, minutes=None, iterations=None, level=None, modelType="2d", device="auto",
-                      initFrom=None, resume=False):
-        """Start a training in the background and return at once (see ``trainingStatus``)."""
+                      initFrom=None, resume=False, processes=1):
+        """Start a training in the background and return at once (see ``trainingStatus``).
+
+        ``processes`` > 1 trains with torchrun from the same Python: one process per GPU, or
+        several CPU processes; the status then shows ``world_size``.
+        """
         workspace = self._requireWorkspace()
         if not workspace_view.cases(workspace):
             raise ValueError("Add at least one delineated scan before training.")
@@ -280,7 +284,7 @@ class LoopLogic:
             raise ValueError(f"A training is already running in {workspace}; stop it first.")
         args = engine_cli.trainCommand(self.pythonExecutable, workspace, minutes=minutes, iterations=iterations,
                                        level=level, device=device, resume=resume, initFrom=initFrom,
-                                       modelType=modelType)
+                                       modelType=modelType, processes=processes)
         logPrefix = workspace / LOG_FOLDER / f"train-{datetime.now():%Y%m%d-%H%M%S}"
         process = EngineProcess(args, cwd=self.engineRoot, env=engine_cli.engineEnvironment(self.engineRoot),
                                 logPrefix=logPrefix)
@@ -288,7 +292,8 @@ class LoopLogic:
         self._trainingProcesses[workspace] = process
         self.trainingHistory = []
         budget = f"{minutes} min" if minutes is not None else (f"{iterations} iterations" if iterations else "default budget")
-        self.log(f"Training started ({modelType}, {budget}, device {device}); log: {process.stdoutPath}")
+        on = f", {processes} processes" if processes and processes > 1 else ""
+        self.log(f"Training started ({modelType}, {budget}, device {device}{on}); log: {process.stdoutPath}")
         return process
 
     def stopTraining(self, wait=False):

@@ -32,13 +32,16 @@ def formatNumber(value, digits=3):
 
 
 def describeStatus(status):
-    """One line: phase, version and progress, or the error of a failed training."""
+    """One line: phase, version, progress and processes (when several), or the error of a failed training."""
     phase = status.get("phase") or "unknown"
     text = PHASE_TEXT.get(phase, phase)
     if status.get("version") and phase != "unknown":
         text += f" {status['version']}"
     if phase in ("training", "validating") and status.get("total"):
         text += f" ({status.get('iteration', 0)}/{status['total']})"
+    world = status.get("world_size") or 1
+    if phase != "unknown" and world > 1:
+        text += f" on {world} processes"
     if phase == "failed" and status.get("error"):
         text += f": {status['error']}"
     elif phase in ("done", "stopped") and status.get("message"):

@@ -19,8 +19,10 @@ RUNNING_PHASES = contract.RUNNING_PHASES
 DEFAULT_STATUS = {
     "phase": "unknown", "iteration": 0, "total": 0, "loss": None, "val_dice": None, "eta_s": None,
     "version": None, "error": None, "pid": None, "started_at": None, "updated_at": None, "message": "",
+    "world_size": 1,
 }
-_NUMBER_FIELDS = {"iteration": int, "total": int, "loss": float, "val_dice": float, "eta_s": float, "pid": int}
+_NUMBER_FIELDS = {"iteration": int, "total": int, "loss": float, "val_dice": float, "eta_s": float, "pid": int,
+                  "world_size": int}
 
 
 # ------------------------------------------------------------------ status

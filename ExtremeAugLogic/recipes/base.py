@@ -21,7 +21,27 @@ from ExtremeAugLogic.workspace.workspace import CaseData
 
 ProgressCallback = Optional[Callable[[int, int], None]]
 
-__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig"]
+__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig", "stream_seed"]
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def stream_seed(seed: int, rank: int = 0) -> int:
+    """The seed of one training process's random draws: ``seed`` itself on rank 0, a mixed one elsewhere.
+
+    Every rank of a training on several processes draws its own batches (which base patch,
+    which of its transforms, the fresh transforms of level 0, intensity changes); rank 0, and
+    so a training on one process, draws exactly the stream it drew before there were ranks.
+    The fixed transforms of level N are not keyed by rank: they are the level-N data set,
+    the same on every rank, so level N means N transforms per base patch on any number of
+    processes.
+    """
+    if int(rank) == 0:
+        return int(seed)
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(rank) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & (_MASK64 >> 1)
 
 
 class RecipeConfig(dict):
@@ -90,11 +110,13 @@ class Recipe(abc.ABC):
         """One scan (SimpleITK image, and optionally its label) as the network sees it."""
 
     @abc.abstractmethod
-    def make_sampler(self, config: RecipeConfig, cases: list[CaseData], device, seed: int):
+    def make_sampler(self, config: RecipeConfig, cases: list[CaseData], device, seed: int, rank: int = 0):
         """Return an object whose ``batch(step)`` gives ``(x, y)`` tensors on ``device``.
 
         ``x`` is float (B, 1, *patch), ``y`` is long (B, 1, *patch) with values 0..K.
-        Memory must not grow with the augmentation level.
+        Memory must not grow with the augmentation level. ``rank`` (a training on several
+        processes) keys the random draws with ``stream_seed(seed, rank)``, so every rank draws
+        its own batches and rank 0 draws what one process draws.
         """
 
     @abc.abstractmethod

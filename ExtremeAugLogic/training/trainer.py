@@ -6,10 +6,16 @@ validates on the fixed validation split. SIGTERM or SIGINT ends it within a few 
 with a checkpoint that ``--resume`` continues; ``--init-from`` warm-starts from an earlier
 version after corrections were added. The version becomes the best model only if it beats
 the best on the validation split (see ``Workspace.finish_version``).
+
+Under torchrun the same command trains one version on several processes with
+DistributedDataParallel (``training.distributed``): rank 0 alone owns the workspace (lock,
+status, log, checkpoints, manifest, validation); every iteration all ranks agree on the
+budget fraction and on stopping, so a budget or a SIGTERM stops them at the same iteration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -34,6 +40,7 @@ from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import (labels_from_probabilities, load_model, load_weights, read_config,
                                                save_model, to_label_image)
 from ExtremeAugLogic.recipes.registry import make_recipe
+from ExtremeAugLogic.training import distributed
 from ExtremeAugLogic.training.plots import plot_training
 from ExtremeAugLogic.workspace import CaseData, Workspace, atomic, imageio, status as status_mod
 from ExtremeAugLogic.workspace.locking import OwnerLock
@@ -74,36 +81,47 @@ def train(request: TrainRequest) -> dict:
     Everything the request names is checked before anything is written: a refused request
     (bad budget, nothing to resume, unknown ``--init-from``, no training case, a training
     already running) raises InputError and leaves the workspace as it was, ``status.json``
-    included.
+    included. Under torchrun rank 0 takes the lock and plans; the other ranks get its plan
+    (or its refusal) and never write.
     """
     workspace = Workspace.open(request.workspace)
     if request.minutes is not None and request.minutes <= 0:
         raise InputError(f"--minutes {request.minutes}: must be positive")
     if request.iterations is not None and request.iterations <= 0:
         raise InputError(f"--iterations {request.iterations}: must be positive")
-    with OwnerLock(workspace.lock_path, "training is already running; stop it first"):
-        trainer = _Trainer(workspace, request)
-        trainer.plan()
-        workspace.mark_interrupted()  # we own the lock: any "training" record was left by a dead trainer
+    with distributed.join(request.device) as place, contextlib.ExitStack() as held:
+        trainer = _Trainer(workspace, request, place)
+        trainer.resume_from, trainer.parent = place.lead(lambda: trainer.take_charge(held))
         return trainer.run()
 
 
 class _Trainer:
     """One training run; see the module docstring."""
 
-    def __init__(self, workspace: Workspace, request: TrainRequest):
+    def __init__(self, workspace: Workspace, request: TrainRequest, place: distributed.Place | None = None):
         self.ws, self.req = workspace, request
+        self.place = place or distributed.Place()
+        self.main = self.place.is_main  # rank 0 (the only process without torchrun): the one that writes
+        self.device = self.place.device  # None until ``plan`` on one process
         self.stop_event = threading.Event()
         self.history: list[list] = []  # [iteration, seconds, loss, lr, val_dice]
         self.status = None
         self.version = None
+        self.recipe = None
         self.resume_from = None  # (version record, config) when resuming
         self.parent = None
 
     # ------------------------------------------------------------------ checks, no writes
+    def take_charge(self, held: contextlib.ExitStack) -> tuple:
+        """Rank 0: own the workspace (``train.lock``, kept in ``held``) and plan; returns the plan for all ranks."""
+        held.enter_context(OwnerLock(self.ws.lock_path, "training is already running; stop it first"))
+        self.plan()
+        self.ws.mark_interrupted()  # we own the lock: any "training" record was left by a dead trainer
+        return self.resume_from, self.parent
+
     def plan(self) -> None:
         """Resolve the request against the workspace; InputError before anything is written."""
-        self.device = resolve_device(self.req.device)
+        self.device = self.device or resolve_device(self.req.device)
         if not self.ws.case_ids("train"):
             raise InputError(f"{self.ws.path}: no training case yet; add one with 'add' first")
         if self.req.resume:
@@ -114,8 +132,11 @@ class _Trainer:
 
     # ------------------------------------------------------------------ main flow
     def run(self) -> dict:
-        self.status = status_mod.StatusReporter(self.ws.status_path, phase="starting",
-                                                message="starting training")
+        if self.main:
+            self.status = status_mod.StatusReporter(self.ws.status_path, phase="starting", message="starting training",
+                                                    world_size=self.place.world_size)
+        else:
+            self.status = _NoStatus()
         self._install_signal_handlers()
         try:
             return self._run()
@@ -135,31 +156,14 @@ class _Trainer:
         torch.set_flush_denormal(True)  # tiny activations must not slow CPU training down
         self.status.update(phase="preparing", message="loading cases")
         train_cases = self.ws.load_cases("train")
-        self.val_cases = self.ws.load_cases("validation")
+        self.val_cases = self.ws.load_cases("validation") if self.main else []
         num_classes = max(self.ws.structure_names()) + 1
+        self.version, config, self.settings = self.place.lead(lambda: self._open_version(train_cases, num_classes))
+        if self.recipe is None:  # resuming, or another rank than 0
+            self.recipe = make_recipe(config.kind, config.settings)
         checkpoint = None
         if self.resume_from is not None:
-            record, config = self.resume_from
-            self.version = record["name"]
             checkpoint = load_weights(self.model_dir / contract.CHECKPOINT_NAME, self.device)
-            changes = {"status": contract.VERSION_TRAINING, "pid": os.getpid()}
-            if self.req.iterations is not None or self.req.minutes is not None:
-                changes["settings"] = {**record["settings"], **self._budget()}  # a new budget
-            self.ws.update_version(self.version, **changes)
-            self.recipe = make_recipe(config.kind, config.settings)
-        else:
-            settings = {"device": self.device, **self.req.settings}
-            if self.req.level is not None:
-                settings["level"] = int(self.req.level)
-            self.recipe = make_recipe(self.req.model, settings)
-            config = self.recipe.fit_config(train_cases, num_classes)
-            # the anatomical order of the structures, when every training label shows the same one
-            config["structure_order"] = detect_structure_order(
-                [sitk.GetArrayViewFromImage(c.label) for c in train_cases])
-            self.version = self.ws.new_version(
-                {**config.settings, "model": self.req.model, "device": self.device, **self._budget()},
-                [c.case_id for c in train_cases], parent=self.parent)
-            atomic.write_json(self.model_dir / contract.CONFIG_NAME, config)
         self.config = config
         self.status.update(version=self.version, message=f"preparing {len(train_cases)} case(s)")
         model = self.recipe.build_model(config).to(self.device)
@@ -174,11 +178,36 @@ class _Trainer:
                 scheduler.load_state_dict(checkpoint["scheduler"])
             start_iteration, elapsed_before = int(checkpoint["iteration"]), float(checkpoint["elapsed"])
             self.history = [list(row) for row in checkpoint.get("history", [])]
-        sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration)
+        sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration,
+                                           rank=self.place.rank)
         self.sampler, self.train_cases, self.pseudo_done = sampler, train_cases, False
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_model = self.place.wrap(model)  # DistributedDataParallel on several processes
         self._loop(sampler, self.recipe.loss_function(config), start_iteration, elapsed_before)
         return self._finish_done()
+
+    def _open_version(self, train_cases, num_classes: int) -> tuple:
+        """Rank 0: create the version (or mark the resumed one as training); (name, config, its settings)."""
+        world = {"world_size": self.place.world_size}
+        if self.resume_from is not None:
+            record, config = self.resume_from
+            changes = {"status": contract.VERSION_TRAINING, "pid": os.getpid(), **world}
+            if self.req.iterations is not None or self.req.minutes is not None:
+                changes["settings"] = {**record["settings"], **self._budget()}  # a new budget
+            record = self.ws.update_version(record["name"], **changes)
+            return record["name"], config, record["settings"]
+        settings = {"device": self.device, **self.req.settings}
+        if self.req.level is not None:
+            settings["level"] = int(self.req.level)
+        self.recipe = make_recipe(self.req.model, settings)
+        config = self.recipe.fit_config(train_cases, num_classes)
+        # the anatomical order of the structures, when every training label shows the same one
+        config["structure_order"] = detect_structure_order(
+            [sitk.GetArrayViewFromImage(c.label) for c in train_cases])
+        settings = {**config.settings, "model": self.req.model, "device": self.device, **self._budget()}
+        name = self.ws.new_version(settings, [c.case_id for c in train_cases], parent=self.parent, **world)
+        atomic.write_json(self.ws.model_dir(name) / contract.CONFIG_NAME, config)
+        return name, config, settings
 
     # ------------------------------------------------------------------ budget
     def _budget(self) -> dict:
@@ -218,7 +247,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------ loop
     def _loop(self, sampler, loss_fn, iteration: int, elapsed_before: float) -> None:
-        settings = self.ws.version(self.version)["settings"]
+        settings = self.settings
         total_iters = settings.get("budget_iterations")
         budget_s = (settings.get("budget_minutes") or 0) * 60.0 or None
         # the starting rate of the poly schedule (a resumed optimiser holds a decayed one)
@@ -226,16 +255,17 @@ class _Trainer:
         start = time.monotonic() - elapsed_before
         last_ckpt = last_log = time.monotonic()
         validated = {f for f in VALIDATE_AT if self._fraction(iteration, elapsed_before, total_iters, budget_s) >= f}
-        bar = _ProgressBar(self.req.progress_bar, iteration)
+        bar = _ProgressBar(self.req.progress_bar and self.main, iteration)
         losses: list[float] = []
         self.status.update(phase="training", message="training")
         self.model.train()
         while True:
             elapsed = time.monotonic() - start
-            fraction = self._fraction(iteration, elapsed, total_iters, budget_s)
+            fraction, stop = self.place.agree(self._fraction(iteration, elapsed, total_iters, budget_s),
+                                              self.stop_event.is_set())
             if fraction >= 1.0:
                 break
-            if self.stop_event.is_set():
+            if stop:
                 self._save_checkpoint(iteration, elapsed)
                 raise StopRequested()
             if self.scheduler is None:
@@ -247,13 +277,13 @@ class _Trainer:
             x, y = sampler.batch(iteration)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.device):
-                loss = loss_fn(self.model(x), y)
+                loss = loss_fn(self.train_model(x), y)
             loss.backward()
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             iteration += 1
-            losses.append(float(loss.detach()))
+            losses.append(self.place.mean(float(loss.detach())))
             elapsed = time.monotonic() - start
             total_est = total_iters or max(iteration, int(iteration / max(elapsed, 1e-6) * budget_s))
             eta = (total_est - iteration) * elapsed / iteration if iteration else None
@@ -264,7 +294,7 @@ class _Trainer:
             if now - last_log >= LOG_EVERY_S or due:
                 self._log(iteration, elapsed, losses, None)
                 last_log = now
-            if due and self.val_cases:
+            if due and self.main and self.val_cases:
                 validated.update(due)
                 self._periodic_validation(iteration, elapsed)
                 self.model.train()
@@ -309,14 +339,15 @@ class _Trainer:
             kept[entry["id"]] = round(confidence, 4)
             if confidence >= threshold:
                 pseudo.append(CaseData(entry["id"], image, to_label_image(labels, image)))
-        self.ws.update_version(self.version, pseudo_labels={"confidence": kept, "threshold": threshold,
-                                                            "used": [c.case_id for c in pseudo],
-                                                            "at_iteration": int(iteration)})
+        if self.main:
+            self.ws.update_version(self.version, pseudo_labels={"confidence": kept, "threshold": threshold,
+                                                                "used": [c.case_id for c in pseudo],
+                                                                "at_iteration": int(iteration)})
         self.status.update(phase="training", message=f"training with {len(pseudo)} pseudo-labelled scan(s)")
         if not pseudo:
             return self.sampler
         self.sampler = self.recipe.make_sampler(self.config, self.train_cases + pseudo, self.device,
-                                                self.req.seed + iteration)
+                                                self.req.seed + iteration, rank=self.place.rank)
         return self.sampler
 
     @staticmethod
@@ -326,8 +357,8 @@ class _Trainer:
         return elapsed / budget_s
 
     def _log(self, iteration, elapsed, losses, val_dice) -> None:
-        """Append a row (or fill in the Dice of the last row for the same iteration)."""
-        if not losses:
+        """Append a row (or fill in the Dice of the last row for the same iteration); rank 0 only."""
+        if not losses or not self.main:
             return
         dice = val_dice if val_dice is not None else float("nan")
         if self.history and self.history[-1][0] == iteration:
@@ -354,6 +385,9 @@ class _Trainer:
 
     # ------------------------------------------------------------------ endings
     def _save_checkpoint(self, iteration: int, elapsed: float) -> None:
+        """Rank 0: the resumable state (all ranks hold the same weights and optimiser state)."""
+        if not self.main:
+            return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
                  "iteration": int(iteration), "elapsed": float(elapsed), "history": self.history}
@@ -361,6 +395,8 @@ class _Trainer:
         self.ws.update_version(self.version, iterations=int(iteration), seconds=round(float(elapsed), 1))
 
     def _finish_done(self) -> dict:
+        if not self.main:  # rank 0 validates, saves and reports
+            return self._rank_summary("done")
         self.status.update(phase="validating", message=self.ws.validation_note() if not self.val_cases
                            else f"validating on {len(self.val_cases)} case(s)")
         scores = self._validate(self.val_cases)
@@ -397,13 +433,22 @@ class _Trainer:
         self.ws.update_version(best, val_scores=scores, rescored_at=status_mod.now_iso())
 
     def _finish_stopped(self) -> dict:
+        if not self.main:
+            return self._rank_summary("stopped")
         plot_training(self.history, self.model_dir / "training.png", title=f"model {self.version} (stopped)")
         self.ws.update_version(self.version, status=contract.VERSION_STOPPED)
         message = f"{self.version} stopped; continue with --resume"
         self.status.close(phase="stopped", eta_s=None, message=message)
         return {"version": self.version, "phase": "stopped", "message": message}
 
+    def _rank_summary(self, phase: str) -> dict:
+        """What another rank than 0 returns: it wrote nothing, rank 0 reports the version."""
+        return {"version": self.version, "phase": phase, "rank": self.place.rank,
+                "message": f"rank {self.place.rank} of {self.place.world_size}: {phase}"}
+
     def _fail(self, text: str, trace: str | None = None) -> None:
+        if not self.main:
+            return
         if self.version is not None:
             try:
                 self.ws.finish_version(self.version, None, status=contract.VERSION_FAILED)
@@ -422,6 +467,19 @@ class _Trainer:
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _NoStatus:
+    """The status of a rank other than 0: kept nowhere (rank 0 writes ``status.json``)."""
+
+    def update(self, write: bool = False, **fields) -> None:
+        pass
+
+    def close(self, **fields) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {}
 
 
 def _warm_start(model, weights: Path) -> None:

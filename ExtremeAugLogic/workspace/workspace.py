@@ -597,8 +597,12 @@ class Workspace:
                     self._write_version_json(record)
         return [v["name"] for v in stale]
 
-    def new_version(self, settings: dict, cases_seen: list[str], parent: Optional[str] = None) -> str:
-        """Register a new model version in training; returns its name ("v1", "v2", ...)."""
+    def new_version(self, settings: dict, cases_seen: list[str], parent: Optional[str] = None,
+                    world_size: int = 1) -> str:
+        """Register a new model version in training; returns its name ("v1", "v2", ...).
+
+        ``world_size``: how many processes train it (torchrun; 1 without).
+        """
         with self._locked() as manifest:
             if parent is not None:
                 self._find_version(manifest, parent)
@@ -611,6 +615,7 @@ class Workspace:
                 "parent": parent,
                 "status": contract.VERSION_TRAINING,
                 "pid": os.getpid(),
+                "world_size": int(world_size),
                 "val_scores": None,
                 "iterations": 0,
             }

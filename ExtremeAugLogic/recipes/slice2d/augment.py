@@ -4,7 +4,10 @@ Level N means every base patch has N distinct random transforms; a transform is 
 uniform in +/-``rotation_deg``, a scale uniform in ``scale``, and x and y translations
 uniform in +/-``translation_px`` (no flips). The parameters of transform k of patch p come
 from a counter-based hash of (seed, p, k), so nothing is stored per transform and memory
-does not grow with N; level 0 draws fresh parameters for every sample.
+does not grow with N; level 0 draws fresh parameters for every sample. Which patch and which
+of its transforms a batch takes (and level 0's fresh draws) come from a generator seeded with
+``stream_seed(seed, rank)``: on several training processes every rank draws its own batches
+from the same level-N set.
 
 Each patch is sampled straight from its whole preprocessed slice with one ``grid_sample``
 (images bilinear, labels nearest), so a rotation or a 50 px shift brings in the real
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ExtremeAugLogic.recipes.base import stream_seed
 from ExtremeAugLogic.workspace import atomic
 
 _MASK32 = 0xFFFFFFFF
@@ -230,14 +234,14 @@ class OnTheFlySampler:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,
                  level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
                  seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0,
-                 intensity: IntensityRanges | None = None):
+                 intensity: IntensityRanges | None = None, rank: int = 0):
         self.images, self.labels = images, labels
         self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
         self.level, self.ranges, self.patch = int(level), ranges, patch
         self.batch_size, self.seed, self.padding = batch_size, seed, padding
         self.intensity = intensity or IntensityRanges(gamma=gamma, contrast=contrast)
         self.generator = torch.Generator(device=images.device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(stream_seed(seed, rank))  # the draws; the level-N transforms use ``seed``
 
     @property
     def distinct_samples(self) -> int | None:
@@ -295,11 +299,11 @@ def write_offline_dataset(images: torch.Tensor, labels: torch.Tensor, centres: n
 class OfflineSampler:
     """Random batches read from an offline N-fold dataset (memory-mapped, never all in RAM)."""
 
-    def __init__(self, folder, batch_size: int = 16, seed: int = 0, device="cpu"):
+    def __init__(self, folder, batch_size: int = 16, seed: int = 0, device="cpu", rank: int = 0):
         self.x = np.load(Path(folder) / "images.npy", mmap_mode="r")
         self.y = np.load(Path(folder) / "labels.npy", mmap_mode="r")
         self.batch_size, self.device = batch_size, device
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(stream_seed(seed, rank))
 
     def batch(self, step: int):
         ids = np.sort(self.rng.integers(0, len(self.x), self.batch_size))

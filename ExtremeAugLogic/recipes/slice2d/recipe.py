@@ -104,18 +104,18 @@ class Recipe2D(Recipe):
         stack = preprocess.preprocess_case(image, label, config["settings"], config.get("template"))
         return PreparedCase(stack.images, stack.labels, stack.geometry)
 
-    def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int):
+    def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int, rank: int = 0):
         s = config["settings"]
         if s.get("offline_dir"):
             if _in_channels(s) > 1:
                 raise InputError("offline_dir holds single-slice patches; it cannot train 2.5D input "
                                  "(context_slices > 0)")
-            return augment.OfflineSampler(s["offline_dir"], s["batch_size"], seed, device)
+            return augment.OfflineSampler(s["offline_dir"], s["batch_size"], seed, device, rank=rank)
         images, labels, centres = self.training_slices(config, cases, seed)
         return augment.OnTheFlySampler(
             torch.from_numpy(images).to(device), torch.from_numpy(labels)[:, None].to(device),
             centres, s["level"], augment.AugmentationRanges.from_settings(s), s["patch_size"],
-            s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s))
+            s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s), rank=rank)
 
     def training_slices(self, config: dict, cases: list[CaseData], seed: int):
         """All cases' slices (S, C, H, W: C = 1 + 2 * context_slices) stacked, labels (S, H, W),

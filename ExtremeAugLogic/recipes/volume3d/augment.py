@@ -15,6 +15,9 @@ generator seeded with (seed, p, k), so nothing is stored per transform and memor
 same for any N. Two thirds of the draws come from base patches that contain foreground.
 Level 0 draws a fresh transform every time and centres 2/3 of the patches on a random
 foreground voxel (structure chosen uniformly among those present in the case).
+Which base patch and transform sample b of batch ``step`` takes (and level 0's fresh
+transforms) come from a generator seeded with (``stream_seed(seed, rank)``, step, b): on
+several training processes every rank draws its own samples from the same level-N set.
 
 For strongly anisotropic spacing (max/min > 3) rotations are in-plane only (about the
 through-plane axis): rotating thick slices out of plane invents anatomy.
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ExtremeAugLogic.recipes.base import stream_seed
 
 FG_COORDS_PER_CLASS = 4096       # foreground voxels remembered per structure and case
 
@@ -135,7 +140,7 @@ class PatchSampler3D:
     """
 
     def __init__(self, images: list, labels: list, patch, spacing, batch_size: int, level: int,
-                 ranges: Ranges3D, device, seed: int = 0):
+                 ranges: Ranges3D, device, seed: int = 0, rank: int = 0):
         self.device = torch.device(device)
         self.patch = [int(p) for p in patch]
         self.spacing = [float(s) for s in spacing]
@@ -143,6 +148,7 @@ class PatchSampler3D:
         self.level = int(level)
         self.ranges = ranges
         self.seed = int(seed)
+        self.stream = stream_seed(self.seed, rank)  # keys the draws; the level-N transforms use ``seed``
         sp = np.asarray(self.spacing)
         anisotropic = sp.max() > 3.0 * sp.min()
         self.rotate_axes = (int(np.argmax(sp)),) if anisotropic else (0, 1, 2)
@@ -188,7 +194,7 @@ class PatchSampler3D:
     # -- drawing ----------------------------------------------------------------------------
     def draw(self, step: int, index: int):
         """(case, centre voxels, transform params) of sample ``index`` of batch ``step``."""
-        rng = np.random.default_rng([self.seed, int(step), int(index)])
+        rng = np.random.default_rng([self.stream, int(step), int(index)])
         if self.level <= 0:
             case = int(rng.integers(len(self.images)))
             coords = self.fg_coords[case]
@@ -232,5 +238,5 @@ class PatchSampler3D:
         return torch.cat(xs), torch.cat(ys).round().long()
 
     def batch(self, step: int):
-        """The augmented batch of iteration ``step`` (deterministic in (seed, step))."""
+        """The augmented batch of iteration ``step`` (deterministic in (seed, rank, step))."""
         return self.sample([self.draw(step, b) for b in range(self.batch_size)])

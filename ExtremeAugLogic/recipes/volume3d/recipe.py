@@ -92,7 +92,7 @@ class Recipe3D(Recipe):
             labels = labels.astype(np.uint8 if labels.max() < 256 else np.int32)
         return PreparedCase(array, labels, reference)
 
-    def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int):
+    def make_sampler(self, config: dict, cases: list[CaseData], device, seed: int, rank: int = 0):
         s = config["settings"]
         images, labels = [], []
         for case in cases:
@@ -101,7 +101,7 @@ class Recipe3D(Recipe):
             labels.append(prepared.label)
         return augment3d.PatchSampler3D(images, labels, config["patch_size"], config["spacing"],
                                         config["batch_size"], int(s["level"]),
-                                        augment3d.Ranges3D.from_settings(s), device, seed)
+                                        augment3d.Ranges3D.from_settings(s), device, seed, rank=rank)
 
     # -- training --------------------------------------------------------------------------
     def loss_function(self, config: dict):
