@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.workspace import atomic, imageio, locking
+from ExtremeAugLogic.workspace.overlap import correction_effort
 from ExtremeAugLogic.manifest_check import check_manifest, check_version_record, contained
 from ExtremeAugLogic.workspace.status import now_iso
 
@@ -689,16 +690,6 @@ class Workspace:
 
 
 # ---------------------------------------------------------------- helpers
-
-def correction_effort(prediction: np.ndarray, corrected: np.ndarray, slice_axis: int) -> dict:
-    """What a correction changed: voxels, slices (along ``slice_axis``, numpy order) and structures."""
-    differs = prediction != corrected
-    others = tuple(a for a in range(differs.ndim) if a != slice_axis)
-    structures = np.union1d(np.unique(prediction[differs]), np.unique(corrected[differs]))
-    return {"changed_voxels": int(np.count_nonzero(differs)),
-            "slices_touched": int(np.count_nonzero(differs.any(axis=others))),
-            "structures_changed": [int(v) for v in structures if v != 0]}
-
 
 def _slice_axis(image: sitk.Image) -> int:
     """The numpy axis a clinician draws slice by slice: the acquisition plane (largest spacing, then fewest voxels)."""
