@@ -259,7 +259,10 @@ def cmd_status(args) -> int:
     worklist = [c["id"] for c in ws.worklist_cases()]
     print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation, "
           f"{len(worklist)} in the worklist{' (' + ', '.join(worklist) + ')' if worklist else ''}")
-    for row in ws.worklist_state():
+    rows = ws.worklist_state(contract.SUGGESTED_ORDER)
+    if rows:
+        print("worklist, next scan first (ready predictions, most uncertain first):")
+    for row in rows:
         print(f"  worklist {row['id']}: prediction {row['state']}"
               + (f" by {row['version']}, uncertainty {row['uncertainty']:.3f}" if row["version"] else ""))
     best = ws.best_version()

@@ -39,6 +39,8 @@ VERSION_RECORD_NAME = "version.json"
 WORKLIST_SPLIT = "worklist"  # a scan without a label yet
 WORKLIST_PREDICTIONS_DIR = f"{PREDICTIONS_DIR}/worklist"
 WORKLIST_ORDERS = ("added", "uncertainty")
+SUGGESTED_ORDER = "uncertainty"  # the order status, the console and the panel's Next scan follow
+WORKLIST_LOCK_NAME = ".worklist.lock"  # held while the worklist is predicted
 
 # ---------------------------------------------------------------- training status
 RUNNING_PHASES = ("starting", "preparing", "training", "validating", "saving")

@@ -171,17 +171,18 @@ class LoopLogic:
         self.log(f"Added '{volumeNode.GetName()}' to the worklist as {caseId}")
         return caseId
 
-    def nextScan(self, order="added"):
+    def nextScan(self, order=contract.SUGGESTED_ORDER):
         """The worklist scan to correct next: ``{id, state, version, uncertainty, prediction, image}`` or None.
 
-        ``order``: "added" (the order the scans joined) or "uncertainty" (the most uncertain ready
-        prediction first); a scan whose prediction is ready comes before one still waiting for it.
+        ``order``: "uncertainty" (default, as ``status`` lists the worklist: the most uncertain
+        ready prediction first) or "added" (the order the scans joined); a scan whose prediction
+        is ready comes before one still waiting for it.
         """
         rows = workspace_view.worklistState(self.workspace, order) if self.workspace else []
         ready = [r for r in rows if r["state"] == "ready"]
         return (ready or rows or [None])[0]
 
-    def loadNextScan(self, scene, order="added"):
+    def loadNextScan(self, scene, order=contract.SUGGESTED_ORDER):
         """Load the next worklist scan, and its waiting prediction as an editable segmentation, into ``scene``.
 
         Returns ``(volumeNode, segmentationNode or None)``; accepting the edited segmentation
@@ -200,9 +201,9 @@ class LoopLogic:
                                                          if segmentationNode else " (no prediction yet)"))
         return volumeNode, segmentationNode
 
-    def worklist(self):
-        """The case ids of the workspace's scans without a label, oldest first."""
-        return [row["id"] for row in workspace_view.worklistState(self.workspace)] if self.workspace else []
+    def worklist(self, order=contract.SUGGESTED_ORDER):
+        """The case ids of the workspace's scans without a label, in ``order`` (as ``status`` lists them)."""
+        return [row["id"] for row in workspace_view.worklistState(self.workspace, order)] if self.workspace else []
 
     def _addCase(self, volumeNode, segmentationNode, caseId, correctedFrom):
         """Write scan and label, run the engine's ``add``: ``(caseId, changedVoxels or None)``."""

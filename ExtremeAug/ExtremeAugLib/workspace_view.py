@@ -123,6 +123,6 @@ def newCaseId(workspace, baseName):
 
 
 
-def worklistState(workspace, order="added"):
+def worklistState(workspace, order=contract.SUGGESTED_ORDER):
     """The worklist scans with their waiting predictions (ready, stale, none), as the engine sees them."""
     return contract.worklist_rows(workspace, cases(workspace), bestVersion(workspace), order)
