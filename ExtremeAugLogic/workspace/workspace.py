@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.workspace import atomic, imageio, locking
-from ExtremeAugLogic.workspace.overlap import correction_effort
+from ExtremeAugLogic.workspace import atomic, imageio, locking, rounds_chart
+from ExtremeAugLogic.workspace.overlap import correction_effort, dice_scores
 from ExtremeAugLogic.manifest_check import check_manifest, check_version_record, contained
 from ExtremeAugLogic.workspace.status import now_iso
 
@@ -363,6 +363,37 @@ class Workspace:
             raise InputError(f"{order}: worklist order must be one of {', '.join(contract.WORKLIST_ORDERS)}")
         return contract.worklist_rows(self.path, self.cases(), self.best_version(), order)
 
+    # ------------------------------------------------------------ the loop, round by round
+
+    @property
+    def rounds_chart_path(self) -> Path:
+        """``rounds.png``: Dice and correction effort round by round (``write_rounds_chart``)."""
+        return self.path / contract.ROUNDS_CHART_NAME
+
+    def rounds(self) -> list[dict]:
+        """One row per accepted correction, in the order they were accepted (``contract.round_rows``)."""
+        manifest = self._reload()
+        return contract.round_rows(manifest["cases"], manifest["versions"], manifest["best_version"])
+
+    def queued(self) -> list[str]:
+        """Training cases the best model has not trained on yet (``contract.queued_cases``)."""
+        manifest = self._reload()
+        return contract.queued_cases(manifest["cases"], manifest["versions"], manifest["best_version"])
+
+    def test_then_train_scores(self) -> dict:
+        """Each version's test-then-train score over the corrected scans it predicted."""
+        return contract.test_then_train_scores(self._reload()["cases"])
+
+    def write_rounds_chart(self) -> bool:
+        """Redraw ``rounds.png`` from the manifest as it stands (under the manifest lock, so the
+        newest state is drawn last); False, writing nothing, before the first accepted correction."""
+        with self._locked() as manifest:
+            rows = contract.round_rows(manifest["cases"], manifest["versions"], manifest["best_version"])
+            queued = len(contract.queued_cases(manifest["cases"], manifest["versions"], manifest["best_version"]))
+            title = (f"{len(rows)} accepted correction{'s' if len(rows) != 1 else ''}; best model "
+                     f"{manifest['best_version'] or '-'}; queued: {queued}")
+            return rounds_chart.write_rounds_chart(rows, self.rounds_chart_path, title)
+
     def training_cases(self) -> list[dict]:
         return [c for c in self.cases() if c["split"] == "train"]
 
@@ -385,11 +416,15 @@ class Workspace:
     def add_case(self, image: ImageOrPath, label: ImageOrPath, case_id: Optional[str] = None,
                  corrected_from: Optional[ImageOrPath] = None, structure_names: Optional[dict] = None,
                  split: str = "auto", source_image: Optional[str] = None,
-                 source_label: Optional[str] = None) -> dict:
+                 source_label: Optional[str] = None, predicted_by: Optional[str] = None) -> dict:
         """Validate and add one delineated (or corrected) case; return its manifest entry.
 
         ``image``/``label``/``corrected_from`` are paths or SimpleITK images;
-        ``corrected_from`` is the unedited prediction the label was corrected from.
+        ``corrected_from`` is the unedited prediction the label was corrected from, and
+        ``predicted_by`` the model version that made it (known by itself for a worklist scan's
+        waiting prediction). A corrected case records its correction effort and, before it
+        joins training, its test-then-train scores: the Dice of the prediction against the
+        accepted correction (``test_scores``), an unseen-scan measurement of ``predicted_by``.
         Everything is checked before anything is written.
         """
         if split not in ("auto", "train", "validation"):
@@ -401,14 +436,16 @@ class Workspace:
             waiting = self._worklist_entry(case_id, self._reload())
             if waiting is None:
                 self._check_new_id(case_id, self._reload())
-        predicted_by = None
+        made_by = None
         record = self.waiting_prediction(case_id) if waiting is not None else None
         if record is not None:  # the prediction the clinician corrected: the effort is measured against it
             waiting_file = self.worklist_prediction_files(case_id)[0]
             if corrected_from is None:
                 corrected_from = waiting_file
             if isinstance(corrected_from, (str, os.PathLike)) and Path(corrected_from).resolve() == waiting_file.resolve():
-                predicted_by = record["version"]
+                made_by = record["version"]
+        if predicted_by is not None:
+            made_by = self._check_predicted_by(predicted_by, corrected_from, made_by, case_id)
         img, img_name, src_img = _load_image(image, source_image)
         if waiting is not None:  # the scan is already in the workspace: the one given must be the same
             stored = imageio.read_image(self.path / waiting["image"])
@@ -423,11 +460,12 @@ class Workspace:
         lab.CopyInformation(img)  # exact grid, not merely within tolerance
         if pred is not None:
             pred.CopyInformation(img)
-        changed, effort = None, {}
+        changed, effort, tested = None, {}, None
         if pred is not None:
             effort = correction_effort(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(lab),
                                        _slice_axis(img))
             changed = effort["changed_voxels"]
+            tested = _test_scores(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(lab))
 
         with self._locked() as manifest:
             if case_id is None:
@@ -459,7 +497,8 @@ class Workspace:
                 "changed_voxels": changed,
                 **({"slices_touched": effort["slices_touched"], "structures_changed": effort["structures_changed"]}
                    if effort else {}),
-                **({"predicted_by": predicted_by} if predicted_by else {}),
+                **({"predicted_by": made_by} if made_by else {}),
+                **({"test_scores": tested} if tested else {}),
                 "order": order,
             }
             imageio.write_image(img, self.path / entry["image"])
@@ -474,6 +513,19 @@ class Workspace:
                 for path in self.worklist_prediction_files(case_id):
                     path.unlink(missing_ok=True)
         return dict(entry)
+
+    def _check_predicted_by(self, predicted_by, corrected_from, made_by, case_id) -> str:
+        """``predicted_by`` if it names a version of this workspace that can have made ``corrected_from``."""
+        problem = contract.name_problem(predicted_by, "version name")
+        if problem:
+            raise InputError(f"{predicted_by!r}: {problem}")
+        self.version(predicted_by)  # InputError for an unknown version
+        if corrected_from is None:
+            raise InputError(f"{predicted_by}: names the model of a prediction; give the prediction the "
+                             "label was corrected from too (--corrected-from)")
+        if made_by is not None and made_by != predicted_by:
+            raise InputError(f"{predicted_by}: the prediction waiting for {case_id} was made by {made_by}")
+        return predicted_by
 
     @staticmethod
     def _worklist_entry(case_id: str, manifest: dict) -> Optional[dict]:
@@ -718,6 +770,14 @@ def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
     if new > old:
         return True, f"validation mean Dice {new:.4f} > {old:.4f} of {best['name']}"
     return False, f"validation mean Dice {new:.4f} <= {old:.4f} of {best['name']}"
+
+
+def _test_scores(prediction: np.ndarray, corrected: np.ndarray) -> dict:
+    """Test-then-train: the Dice of a prediction against its accepted correction (binary, per structure)."""
+    labels = [int(v) for v in np.union1d(np.unique(prediction), np.unique(corrected)) if v != 0]
+    scores = dice_scores(prediction, corrected, labels)
+    return {"mean_dice": float(scores["mean_dice"]), "binary_dice": float(scores["binary_dice"]),
+            "per_structure": {str(k): float(v) for k, v in scores["per_structure"].items()}}
 
 
 def _mean_dice(record: dict) -> Optional[float]:

@@ -85,6 +85,127 @@ def _case_with_prediction(tmp_path, make_case, seed, removed):
     return files, predicted, truth
 
 
+# ---------------------------------------------------------------- scores and rules, no training
+
+def test_a_correction_scores_the_prediction_it_came_from(tmp_path, make_case, command):
+    """Test-then-train: the Dice of the prediction against the accepted correction, stored with the case."""
+    from ExtremeAugLogic.evaluation import dice_scores
+
+    ws = Workspace.create(tmp_path / "ws")
+    scan, label = make_case(seed=0)
+    ws.add_case(scan, label, case_id="first")
+    ws.finish_version(ws.new_version({}, ["first"]), None)
+    (scan2, label2, prediction2), predicted, truth = _case_with_prediction(tmp_path, make_case, 1, removed=2)
+    code, out, err = command("add", ws.path, "--image", scan2, "--label", label2, "--case-id", "second",
+                             "--corrected-from", prediction2, "--predicted-by", "v1")
+    assert code == 0, err
+    expected = dice_scores(predicted, truth, [1, 2])
+    case = ws.case("second")
+    assert case["predicted_by"] == "v1" and case["status"] == "corrected"
+    assert case["test_scores"] == {"mean_dice": expected["mean_dice"], "binary_dice": expected["binary_dice"],
+                                   "per_structure": {"1": expected["per_structure"][1], "2": 1.0}}
+    assert case["test_scores"]["mean_dice"] < 1.0 and case["changed_voxels"] == int((predicted != truth).sum())
+    assert f"scored Dice {expected['mean_dice']:.3f}" in out and "queued: 1" in out
+    # a model version that is not there, or one without its prediction, is refused and changes nothing
+    before = snapshot(ws.path)
+    for extra, message in ((["--corrected-from", prediction2, "--predicted-by", "v9"], "v9: no such model version"),
+                           (["--predicted-by", "v1"], "give the prediction")):
+        code, _, err = command("add", ws.path, "--image", scan2, "--label", label2, "--case-id", "third", *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(ws.path) == before
+
+
+def test_rounds_rows_and_the_queue(tmp_path, make_case):
+    """A round per accepted correction, in order; trained_by / in_best follow the versions; the
+    Slicer side reads the same rows and the same queue from the manifest."""
+    from ExtremeAugLib import workspace_view
+
+    ws = Workspace.create(tmp_path / "ws")
+    scan, label = make_case(seed=0)
+    ws.add_case(scan, label, case_id="first")
+    ws.finish_version(ws.new_version({}, ["first"]), None)
+    for seed, case_id in ((1, "c1"), (2, "c2")):
+        (s, l, p), _, _ = _case_with_prediction(tmp_path, make_case, seed, removed=seed)
+        ws.add_case(s, l, case_id=case_id, corrected_from=p, predicted_by="v1", split="train")
+    assert ws.queued() == ["c1", "c2"]
+    rows = ws.rounds()
+    assert [(r["round"], r["id"], r["predicted_by"], r["trained_by"], r["in_best"]) for r in rows] == \
+        [(1, "c1", "v1", None, False), (2, "c2", "v1", None, False)]
+    assert rows[0]["mean_dice"] > rows[1]["mean_dice"] and rows[0]["slices_touched"] == 2
+    ws.finish_version(ws.new_version({}, ["first", "c1"]), None)  # c2 arrived after this training started
+    assert ws.queued() == ["c2"]
+    assert [(r["trained_by"], r["in_best"]) for r in ws.rounds()] == [("v2", True), (None, False)]
+    assert workspace_view.roundRows(ws.path) == ws.rounds() and workspace_view.queuedCases(ws.path) == ["c2"]
+    tested = ws.test_then_train_scores()["v1"]
+    assert tested["scans"] == 2 and tested["cases"] == ["c1", "c2"]
+    assert tested["mean_dice"] == pytest.approx(np.mean([r["mean_dice"] for r in rows]))
+
+
+# ---------------------------------------------------------------- through the command line, with training
+
+def test_rounds_table_chart_and_order_through_the_command_line(loop_ws, command):
+    """add writes rounds.png and the queue; train redraws it; status lists the rounds and the
+    worklist in the order the console's nextScan follows."""
+    from ExtremeAugLib.loop_logic import LoopLogic
+
+    ws, pairs = loop_ws
+    suggested = [r["id"] for r in ws.worklist_state(contract.SUGGESTED_ORDER)]
+    uncertainties = [r["uncertainty"] for r in ws.worklist_state(contract.SUGGESTED_ORDER)]
+    assert uncertainties == sorted(uncertainties, reverse=True)
+    logic = LoopLogic(pythonExecutable=sys.executable)
+    logic.setWorkspace(ws.path)
+    assert logic.nextScan()["id"] == suggested[0] and logic.worklist() == suggested
+    shown = command("status", ws.path)[1]
+    assert [line.split()[1].rstrip(":") for line in shown.splitlines() if line.startswith("  worklist ")] == suggested
+
+    first = suggested[0]
+    code, out, err = command("add", ws.path, "--image", pairs[first][0], "--label", pairs[first][1], "--case-id", first)
+    assert code == 0 and "test-then-train: the prediction by v1" in out, err
+    chart = ws.rounds_chart_path
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = chart.read_bytes()
+    shown = command("status", ws.path)[1]
+    assert f"queued: 1 ({first})" in shown and "rounds (each accepted correction" in shown
+    row = next(line for line in shown.splitlines() if line.startswith(f"  1      {first}"))
+    assert row.split()[2] == "v1" and row.split()[-1] == "queued"
+    assert [line.split()[1].rstrip(":") for line in shown.splitlines() if line.startswith("  worklist ")] == suggested[1:]
+
+    code, out, err = command("train", ws.path, "--iterations", 2, "--quiet", "--init-from", "best", *SETS)
+    assert code == 0 and "predicted 3 worklist scan(s)" in out, err
+    assert chart.read_bytes() != drawn                               # redrawn: the round is in the best model now
+    shown = command("status", ws.path)[1]
+    assert "queued: 0" in shown and "v2 (in best)" in shown and "test-then-train Dice" in shown
+    assert [(r["round"], r["id"], r["predicted_by"], r["trained_by"], r["in_best"]) for r in ws.rounds()] == \
+        [(1, first, "v1", "v2", True)]
+
+
+def test_corrections_accepted_while_training_are_queued(loop_ws, command):
+    """Corrections accepted while a training holds the training lock are kept, wait in the queue
+    and are all taken by the next training."""
+    ws, pairs = loop_ws
+    training = subprocess.Popen([sys.executable, "-m", "ExtremeAugLogic", "train", str(ws.path), "--minutes", "0.05",
+                                 "--quiet", "--no-predict-worklist", *SETS], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while ws.training_pid() is None or (json.loads(ws.status_path.read_text()).get("phase") != "training"):
+            assert training.poll() is None and time.monotonic() < deadline, training.communicate()
+            time.sleep(0.1)
+        ws.add_case(*pairs["w1"], case_id="w1", split="train")   # the training has loaded its cases already
+        assert ws.training_pid() is not None
+        code, _, err = command("add", ws.path, "--image", pairs["w2"][0], "--label", pairs["w2"][1], "--case-id", "w2",
+                               "--split", "train")
+        assert code == 0, err
+    finally:
+        out, err = training.communicate(timeout=120)
+    assert training.returncode == 0, err
+    assert ws.version("v2")["cases_seen"] == ["first"] and ws.best_version() == "v2"
+    assert ws.queued() == ["w1", "w2"] and "queued: 2 (w1, w2)" in command("status", ws.path)[1]
+    assert command("train", ws.path, "--iterations", 2, "--quiet", "--no-predict-worklist", *SETS)[0] == 0
+    assert ws.version("v3")["cases_seen"] == ["first", "w1", "w2"] and ws.queued() == []
+    assert [r["trained_by"] for r in ws.rounds()] == ["v3", "v3"]
+
+
 # ---------------------------------------------------------------- waiting predictions and kills
 
 def test_a_killed_worklist_prediction_leaves_no_half_file(loop_ws, command):
