@@ -196,6 +196,8 @@ def cmd_add(args) -> int:
         tested = case["test_scores"]
         print(f"test-then-train: the prediction{' by ' + case['predicted_by'] if case.get('predicted_by') else ''} "
               f"scored Dice {tested['mean_dice']:.3f} (binary {tested['binary_dice']:.3f}) against this correction")
+    if case.get("trial"):
+        print(case["trial"])
     if not ws.validation_cases():
         print(ws.validation_note())
     print(f"queued: {len(ws.queued())} (training cases not in the best model yet; the next training takes them)")
@@ -299,7 +301,9 @@ def cmd_status(args) -> int:
     for v in ws.versions():
         dice = (v.get("val_scores") or {}).get("mean_dice")
         score = tested.get(v["name"])
-        note = "  (best)" if v["name"] == best else ""
+        note = ""
+        if v["name"] == best:
+            note = f"  (best, on trial against {v['trial_against']})" if v.get("trial_against") else "  (best)"
         print(f"  {v['name']}: {v['status']}, val Dice {'-' if dice is None else f'{dice:.3f}'}"
               + (f", test-then-train Dice {score['mean_dice']:.3f} over {score['scans']} scan(s)" if score else "")
               + note)

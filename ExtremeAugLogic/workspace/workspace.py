@@ -425,6 +425,8 @@ class Workspace:
         waiting prediction). A corrected case records its correction effort and, before it
         joins training, its test-then-train scores: the Dice of the prediction against the
         accepted correction (``test_scores``), an unseen-scan measurement of ``predicted_by``.
+        Without validation cases that may decide a best model on trial (see
+        ``finish_version``); the returned entry then also holds ``trial``, a sentence saying how.
         Everything is checked before anything is written.
         """
         if split not in ("auto", "train", "validation"):
@@ -508,11 +510,14 @@ class Workspace:
             cases.append(entry)
             manifest["cases"] = cases
             manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
+            trial, judged = self._judge_trial(manifest)
             self._save()
+            for judged_record in judged:
+                self._write_version_json(judged_record)
             if waiting is not None:  # no longer waiting: its worklist prediction is kept as the case's own
                 for path in self.worklist_prediction_files(case_id):
                     path.unlink(missing_ok=True)
-        return dict(entry)
+        return dict(entry, **({"trial": trial} if trial else {}))
 
     def _check_predicted_by(self, predicted_by, corrected_from, made_by, case_id) -> str:
         """``predicted_by`` if it names a version of this workspace that can have made ``corrected_from``."""
@@ -690,6 +695,12 @@ class Workspace:
         Higher ``val_scores["mean_dice"]`` wins. Without validation on either side, the
         newest finished model becomes best. A failed version never becomes best.
         Returns whether ``name`` is now the best version.
+
+        Without any validation case in the workspace, a new version cannot be scored when it
+        finishes (it trained on every labelled scan). If the best model already has a
+        test-then-train score, the new version becomes best *on trial* against it (or against
+        the version the best was on trial against): the first corrected scan the new version
+        predicted decides, in ``add_case``, which of the two stays (``_judge_trial``).
         """
         with self._locked() as manifest:
             record = self._find_version(manifest, name)
@@ -698,23 +709,67 @@ class Workspace:
             best = None
             if best_name and best_name != name:
                 best = next((v for v in manifest["versions"] if v["name"] == best_name), None)
-            is_best, reason = _compare_to_best(record, best)
+            rival = _trial_rival(manifest, best) if val_scores is None else None
+            is_best, reason = _compare_to_best(record, best, rival)
             record["best_reason"] = reason if is_best else None
             record["comparison"] = reason
+            record["trial_against"] = rival["name"] if is_best and rival else None
+            replaced = best if is_best and best is not None and best.get("trial_against") else None
+            if replaced is not None:  # its trial passes to the new best (above)
+                replaced["trial_against"] = None
             if is_best:
                 manifest["best_version"] = name
             self._save()
             self._write_version_json(record)
+            if replaced is not None:
+                self._write_version_json(replaced)
         return is_best
+
+    def _judge_trial(self, manifest: dict) -> tuple[Optional[str], list]:
+        """Decide a best version on trial once a scan it predicted was corrected (no validation cases).
+
+        It stays best if its test-then-train mean Dice is at least its rival's (over the scans
+        each predicted); otherwise the rival is the best model again. Returns (a sentence or
+        None, the version records changed).
+        """
+        best = next((v for v in manifest["versions"] if v["name"] == manifest.get("best_version")), None)
+        if best is None or not best.get("trial_against") or _has_validation(manifest):
+            return None, []
+        tested = contract.test_then_train_scores(manifest["cases"])
+        mine = tested.get(best["name"])
+        if mine is None:
+            return None, []
+        rival = next((v for v in manifest["versions"] if v["name"] == best["trial_against"]), None)
+        theirs = tested.get(best["trial_against"])
+        best["trial_against"] = None
+        if rival is None or theirs is None or rival.get("status") != contract.VERSION_DONE \
+                or mine["mean_dice"] >= theirs["mean_dice"]:
+            if theirs is not None and rival is not None:
+                reason = (f"test-then-train mean Dice {mine['mean_dice']:.4f} over {_scans(mine)} >= "
+                          f"{theirs['mean_dice']:.4f} of {rival['name']} over {_scans(theirs)}")
+            else:
+                reason = f"test-then-train mean Dice {mine['mean_dice']:.4f} over {_scans(mine)}; no rival to compare"
+            best["best_reason"] = best["comparison"] = reason
+            return f"{best['name']} stays the best model: {reason}", [best]
+        reason = (f"test-then-train mean Dice {theirs['mean_dice']:.4f} over {_scans(theirs)} > "
+                  f"{mine['mean_dice']:.4f} of {best['name']} over {_scans(mine)}")
+        best["best_reason"] = None
+        best["comparison"] = f"dropped after its trial: {reason}"
+        rival["best_reason"] = reason
+        manifest["best_version"] = rival["name"]
+        return f"{rival['name']} is the best model again: {reason}", [best, rival]
 
     def set_best_version(self, name: Optional[str], reason: str = "chosen by the user") -> None:
         """Make ``name`` the model used for prediction (or None for none)."""
         with self._locked() as manifest:
+            record = None
             if name is not None:
                 record = self._find_version(manifest, name)
-                record["best_reason"] = reason
+                record.update(best_reason=reason, trial_against=None)
             manifest["best_version"] = name
             self._save()
+            if record is not None:
+                self._write_version_json(record)
 
     def _find_version(self, manifest: dict, name: str) -> dict:
         for record in manifest["versions"]:
@@ -751,8 +806,11 @@ def _slice_axis(image: sitk.Image) -> int:
 
 
 
-def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
-    """Whether ``record`` should replace ``best``, and why (a short sentence)."""
+def _compare_to_best(record: dict, best: Optional[dict], rival: Optional[dict] = None) -> tuple[bool, str]:
+    """Whether ``record`` should replace ``best``, and why (a short sentence).
+
+    ``rival``: without validation, the version a new best model is on trial against.
+    """
     if record["status"] == contract.VERSION_FAILED:
         return False, "training failed"
     new = _mean_dice(record)
@@ -762,6 +820,8 @@ def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
         return True, f"first model with validation mean Dice {new:.4f}"
     old = _mean_dice(best)
     if new is None and old is None:
+        if rival is not None:
+            return True, f"{NO_VALIDATION_REASON}, on trial against {rival['name']} (test-then-train)"
         return True, NO_VALIDATION_REASON
     if new is None:
         return False, f"no validation score; {best['name']} has validation mean Dice {old:.4f}"
@@ -770,6 +830,27 @@ def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
     if new > old:
         return True, f"validation mean Dice {new:.4f} > {old:.4f} of {best['name']}"
     return False, f"validation mean Dice {new:.4f} <= {old:.4f} of {best['name']}"
+
+
+def _has_validation(manifest: dict) -> bool:
+    return any(c["split"] == "validation" for c in manifest["cases"])
+
+
+def _trial_rival(manifest: dict, best: Optional[dict]) -> Optional[dict]:
+    """Without validation cases: the version a new best would be on trial against, or None.
+
+    The best model itself once a scan it predicted was corrected (it has a test-then-train
+    score), else the version the best model is still on trial against.
+    """
+    if best is None or _has_validation(manifest):
+        return None
+    tested = contract.test_then_train_scores(manifest["cases"])
+    name = best["name"] if best["name"] in tested else best.get("trial_against")
+    return next((v for v in manifest["versions"] if v["name"] == name), None) if name else None
+
+
+def _scans(scores: dict) -> str:
+    return f"{scores['scans']} scan{'s' if scores['scans'] != 1 else ''}"
 
 
 def _test_scores(prediction: np.ndarray, corrected: np.ndarray) -> dict:

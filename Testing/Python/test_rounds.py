@@ -141,6 +141,52 @@ def test_rounds_rows_and_the_queue(tmp_path, make_case):
     assert tested["mean_dice"] == pytest.approx(np.mean([r["mean_dice"] for r in rows]))
 
 
+def test_keep_if_better_from_test_then_train_without_validation(tmp_path, make_case):
+    """No validation case: a new version is best on trial; the first scan it predicted that is
+    corrected decides against the version it replaced. With a validation case, nothing changes."""
+    from ExtremeAugLib import workspace_view
+
+    ws = Workspace.create(tmp_path / "ws")
+    scan, label = make_case(seed=0)
+    ws.add_case(scan, label, case_id="first")
+
+    def correct(case_id, seed, removed, version):
+        (s, l, p), _, _ = _case_with_prediction(tmp_path, make_case, seed, removed)
+        return ws.add_case(s, l, case_id=case_id, corrected_from=p, predicted_by=version, split="train")
+
+    def finish():
+        name = ws.new_version({}, ws.case_ids("train"))
+        return name, ws.finish_version(name, None)
+
+    assert finish() == ("v1", True) and ws.version("v1").get("trial_against") is None
+    assert "trial" not in correct("c1", 1, 1, "v1")           # v1 had no rival: nothing to decide
+    assert finish() == ("v2", True)
+    assert ws.version("v2")["trial_against"] == "v1" and "on trial against v1" in ws.version("v2")["best_reason"]
+    assert workspace_view.versionRows(ws.path)[1]["trialAgainst"] == "v1"
+    decided = correct("c2", 2, 4, "v2")                          # v2's prediction is worse than v1's was
+    assert decided["trial"].startswith("v1 is the best model again")
+    assert ws.best_version() == "v1" and ws.version("v2")["comparison"].startswith("dropped after its trial")
+    assert ws.version("v2")["trial_against"] is None
+    on_disk = json.loads((ws.model_dir("v2") / "version.json").read_text())
+    assert on_disk["trial_against"] is None and on_disk["comparison"] == ws.version("v2")["comparison"]
+
+    assert finish() == ("v3", True) and ws.version("v3")["trial_against"] == "v1"
+    assert correct("c3", 3, 0, "v3")["trial"].startswith("v3 stays the best model")  # a perfect prediction
+    assert ws.best_version() == "v3" and ws.version("v3")["trial_against"] is None
+    assert finish() == ("v4", True) and finish() == ("v5", True)  # two trainings, no correction between
+    assert ws.version("v5")["trial_against"] == "v3" and ws.version("v4")["trial_against"] is None
+    rows = {r["name"]: r for r in workspace_view.versionRows(ws.path)}
+    assert rows["v1"]["scoreSource"] == "test-then-train" and rows["v1"]["testScans"] == 1
+    assert rows["v4"]["score"] is None and rows["v5"]["isBest"]
+
+    # once a validation case exists the validation split decides, as before
+    (s, l, p), _, _ = _case_with_prediction(tmp_path, make_case, 4, removed=5)
+    assert "trial" not in ws.add_case(s, l, case_id="val", corrected_from=p, predicted_by="v5", split="validation")
+    assert ws.best_version() == "v5"
+    v6 = ws.new_version({}, ws.case_ids("train"))
+    assert ws.finish_version(v6, {"mean_dice": 0.5}) is True and ws.version(v6)["trial_against"] is None
+
+
 # ---------------------------------------------------------------- through the command line, with training
 
 def test_rounds_table_chart_and_order_through_the_command_line(loop_ws, command):
