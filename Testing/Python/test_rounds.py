@@ -306,3 +306,37 @@ def test_a_replaced_prediction_loses_its_record_first(loop_ws, monkeypatch):
     monkeypatch.undo()
     assert len(worklist.predict_worklist(ws, "cpu")) == 4                  # the lock was released
     assert {r["state"] for r in ws.worklist_state()} == {"ready"}
+
+
+# ---------------------------------------------------------------- the console (real MRML)
+
+def test_console_rounds_queue_chart_and_versions(loop_ws):
+    """``loadNextScan`` -> ``acceptCorrection`` -> ``rounds()``, ``queued()``, ``roundsChart()``,
+    ``modelVersions()``: what the panel shows, equal to the engine's view."""
+    from ExtremeAugLib import status_text
+    from ExtremeAugLib.headless_scene import HeadlessScene
+    from ExtremeAugLib.loop_logic import LoopLogic
+
+    ws, _ = loop_ws
+    headless = HeadlessScene()
+    try:
+        logic = LoopLogic(pythonExecutable=sys.executable, tempDirectory=ws.path.parent / "tmp")
+        logic.setWorkspace(ws.path)
+        expected = ws.worklist_state(contract.SUGGESTED_ORDER)[0]["id"]
+        assert logic.rounds() == [] and logic.roundsChart() is None and logic.queued() == []
+        volume, segmentation = logic.loadNextScan(headless.scene)
+        assert volume.GetName() == expected
+        loaded = segmentation.GetAttribute("ExtremeAug.PredictionFile")
+        assert not loaded.startswith(str(ws.path))                       # a private copy of the waiting prediction
+        case_id, changed = logic.acceptCorrection(volume, segmentation)  # accepted unedited
+        assert case_id == expected and changed == 0
+        case = ws.case(case_id)
+        assert case["predicted_by"] == "v1" and case["test_scores"]["mean_dice"] == 1.0
+        assert logic.rounds() == ws.rounds() and logic.rounds()[0]["id"] == case_id
+        assert logic.queued() == [case_id] and logic.roundsChart() == ws.rounds_chart_path
+        v1 = logic.modelVersions()[0]
+        assert (v1["scoreSource"], v1["score"], v1["testScans"]) == ("test-then-train", 1.0, 1)
+        assert status_text.describeScore(v1) == "1.000 (test-then-train, 1 scan)"
+        assert status_text.roundCells(logic.rounds()[0])[:4] == ("1", case_id, "v1", "1.000")
+    finally:
+        headless.close()
