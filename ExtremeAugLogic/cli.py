@@ -198,6 +198,8 @@ def cmd_add(args) -> int:
               f"scored Dice {tested['mean_dice']:.3f} (binary {tested['binary_dice']:.3f}) against this correction")
     if case.get("trial"):
         print(case["trial"])
+        if any(row["state"] == "stale" for row in ws.worklist_state()):
+            print(f"the waiting predictions are stale now; 'predict {args.workspace} --worklist' redoes them")
     if not ws.validation_cases():
         print(ws.validation_note())
     print(f"queued: {len(ws.queued())} (training cases not in the best model yet; the next training takes them)")

@@ -219,18 +219,18 @@ def _mean(values: list) -> Optional[float]:
 def _tested(case) -> Optional[dict]:
     """The test-then-train scores of a case record, or None (none, or not numbers)."""
     scores = case.get("test_scores") if isinstance(case, dict) else None
-    if not isinstance(scores, dict) or not all(isinstance(scores.get(k), (int, float)) and not isinstance(scores.get(k), bool)
-                                               for k in ("mean_dice", "binary_dice")):
+    if not isinstance(scores, dict):
         return None
-    return scores
+    numbers = [scores.get(key) for key in ("mean_dice", "binary_dice")]
+    return scores if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) else None
 
 
 def test_then_train_scores(cases: list) -> dict:
     """Each model version's test-then-train score, from the corrected scans it predicted.
 
-    ``{version: {"mean_dice", "binary_dice", "scans", "cases"}}``: the means over the cases
-    whose ``predicted_by`` names the version of the Dice of its prediction against the accepted
-    correction (``test_scores``, measured before the case joined training).
+    ``{version: {"mean_dice", "binary_dice", "scans", "cases"}}``: the mean, over the corrected
+    cases whose ``predicted_by`` names the version, of the Dice of that prediction against the
+    accepted correction (``test_scores``, measured before the case joined training).
     """
     by_version: dict = {}
     for case in sorted((c for c in cases if isinstance(c, dict)), key=lambda c: c.get("order") or 0):
