@@ -20,6 +20,7 @@ def write_rounds_chart(rows: list, path: Path, title: str = "the loop, round by 
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [row["round"] for row in rows]
     figure = Figure(figsize=(6, 4.2), dpi=100)
@@ -44,6 +45,7 @@ def write_rounds_chart(rows: list, path: Path, title: str = "the loop, round by 
     slices_axes.plot(rounds, [row["slices_touched"] or 0 for row in rows], "s-", color="tab:purple", markersize=3)
     slices_axes.set_ylabel("slices touched", fontsize=8, color="tab:purple")
     slices_axes.set_ylim(bottom=0)
+    slices_axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     effort_axes.set_xlabel("round (accepted correction; hollow: not in the best model yet)", fontsize=8)
     effort_axes.set_xticks(rounds)
     effort_axes.set_xticklabels([f"{row['round']}\n{row['id']}" for row in rows], fontsize=6)
