@@ -136,6 +136,8 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastPhase = None
         self._chartPoints = 0
         self._chartDrawnAt = 0.0
+        self._roundRows = None
+        self._roundsChartStamp = None
         self._defaultToolTips = {}
 
     def setup(self):
@@ -161,6 +163,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptCorrectionButton.connect("clicked(bool)", self.onAcceptCorrection)
         self.ui.modelVersionComboBox.connect("currentIndexChanged(int)", self.onModelVersionChanged)
         self.ui.versionsTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
+        self.ui.roundsTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
         for button in self._actionButtons().values():
             self._defaultToolTips[button.objectName] = button.toolTip
 
@@ -229,11 +232,12 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if cleanPath(p.workspace) != self.logic.workspace:
                 self.logic.setWorkspace(p.workspace)
-                self._versionRows = None
+                self._versionRows = self._roundRows = self._roundsChartStamp = None
             self.logic.setPythonExecutable(p.pythonExecutable)
         except ValueError as error:
             self.showMessage(str(error))
         self.updateVersions()
+        self.updateRounds()
         self.updateButtonStates()
 
     # ------------------------------------------------------------ actions
@@ -330,9 +334,11 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to accept the correction."), waitCursor=True):
             p = self._parameterNode
             caseId, changed = self.logic.acceptCorrection(p.inputVolume, p.segmentation)
-            self.showMessage(_("Correction accepted as case {caseId} ({changed} voxels changed). "
-                               "Press Retrain to learn from it.").format(caseId=caseId, changed=changed))
+            self.showMessage(_("Correction accepted as case {caseId} ({changed} voxels changed; queued: {queued}). "
+                               "Press Retrain to learn from it.").format(caseId=caseId, changed=changed,
+                                                                         queued=len(self.logic.queued())))
         self.updateVersions(force=True)
+        self.updateRounds()
         self.updateButtonStates()
 
     def onModelVersionChanged(self, index):
@@ -359,6 +365,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateChart(force=phaseChanged)
         if phaseChanged or self._pollCount % self.VERSION_REFRESH_POLLS == 0:
             self.updateVersions()
+            self.updateRounds()
         self.updateButtonStates(status)
 
     def updateChart(self, force=False):
@@ -386,7 +393,7 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.versionsTable
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            texts = (row["name"], row["status"], status_text.formatNumber(row["valDice"]), "best" if row["isBest"] else "")
+            texts = (row["name"], row["status"], status_text.describeScore(row), status_text.describeBest(row))
             for c, text in enumerate(texts):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
         combo = self.ui.modelVersionComboBox
@@ -399,6 +406,30 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wanted = self._parameterNode.modelVersion if self._parameterNode else ""
         combo.setCurrentIndex(max(0, combo.findText(wanted)) if wanted else 0)
         combo.blockSignals(wasBlocked)
+
+    def updateRounds(self):
+        """The rounds table, the queued count and rounds.png (reloaded when the engine redrew it)."""
+        rows = self.logic.rounds()
+        queued = self.logic.queued()
+        self.ui.queuedLabel.text = _("queued: {count}{ids}").format(
+            count=len(queued), ids=f" ({', '.join(queued)})" if queued else "")
+        if rows != self._roundRows:
+            self._roundRows = rows
+            table = self.ui.roundsTable
+            table.setRowCount(len(rows))
+            for r, row in enumerate(rows):
+                for c, text in enumerate(status_text.roundCells(row)):
+                    table.setItem(r, c, qt.QTableWidgetItem(text))
+        path = self.logic.roundsChart()
+        stamp = (str(path), path.stat().st_mtime_ns) if path else None
+        if stamp != self._roundsChartStamp:
+            self._roundsChartStamp = stamp
+            if path:
+                self.ui.roundsChartLabel.setPixmap(qt.QPixmap(str(path)))
+            else:
+                self.ui.roundsChartLabel.clear()
+                self.ui.roundsChartLabel.text = _("Dice and correction effort per round appear here once a "
+                                                  "correction is accepted.")
 
     def updateButtonStates(self, status=None):
         """Enable what can run now; a disabled button's tooltip says why."""
@@ -435,6 +466,8 @@ class ExtremeAugLogic(ScriptedLoadableModuleLogic, LoopLogic):
     logic.startTraining(minutes=5); logic.waitForTraining()
     segmentationNode = logic.segmentScan(nextVolumeNode)
     caseId, changedVoxels = logic.acceptCorrection(nextVolumeNode, segmentationNode)
+    volumeNode, segmentationNode = logic.loadNextScan(slicer.mrmlScene)  # the suggested worklist scan
+    logic.rounds(); logic.queued(); logic.roundsChart()
     """
 
     def __init__(self):

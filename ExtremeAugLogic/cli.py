@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "label later (same --case-id) moves it into the training set")
     p.add_argument("--case-id")
     p.add_argument("--corrected-from", help="the unedited prediction this label was corrected from")
+    p.add_argument("--predicted-by", metavar="VERSION",
+                   help="the model version that made --corrected-from (known by itself for a worklist scan's "
+                        "waiting prediction); its test-then-train score is measured on this correction")
     p.add_argument("--split", choices=("auto", "train", "validation"), default="auto")
     p.add_argument("--names", help="structure names as JSON or a JSON file")
 
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("status", help="print the workspace's training status and model versions")
+    p = sub.add_parser("status", help="print the workspace's training status, worklist, rounds and model versions")
     p.add_argument("workspace")
 
     p = sub.add_parser("demo", help="run the whole annotate-train-correct loop unattended")
@@ -194,14 +197,32 @@ def cmd_add(args) -> int:
         print(f"added {case['id']} to the worklist ({len(ws.worklist_cases())} scan(s) without a label)")
         return
     case = ws.add_case(args.image, args.label, case_id=args.case_id, corrected_from=args.corrected_from,
-                       structure_names=parse_names(args.names), split=args.split)
+                       structure_names=parse_names(args.names), split=args.split, predicted_by=args.predicted_by)
     extra = ""
     if case.get("changed_voxels") is not None:
         extra = (f"; the correction changed {case['changed_voxels']} voxels in {case.get('slices_touched')} slice(s), "
                  f"structures {case.get('structures_changed') or 'none'}")
     print(f"added {case['id']} ({case['status']}, {case['split']}){extra}")
+    if case.get("test_scores"):
+        tested = case["test_scores"]
+        print(f"test-then-train: the prediction{' by ' + case['predicted_by'] if case.get('predicted_by') else ''} "
+              f"scored Dice {tested['mean_dice']:.3f} (binary {tested['binary_dice']:.3f}) against this correction")
+    if case.get("trial"):
+        print(case["trial"])
+        if any(row["state"] == "stale" for row in ws.worklist_state()):
+            print(f"the waiting predictions are stale now; 'predict {args.workspace} --worklist' redoes them")
     if not ws.validation_cases():
         print(ws.validation_note())
+    print(f"queued: {len(ws.queued())} (training cases not in the best model yet; the next training takes them)")
+    _redraw_rounds_chart(ws)
+
+
+def _redraw_rounds_chart(ws) -> None:
+    """Rewrite rounds.png after an accepted correction or a training; a failure to draw is only reported."""
+    try:
+        ws.write_rounds_chart()
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"warning: {ws.rounds_chart_path} not redrawn ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -211,6 +232,8 @@ def cmd_train(args) -> int:
                            device=args.device, resume=args.resume, init_from=args.init_from, model=args.model,
                            settings=parse_settings(args.set), seed=args.seed, progress_bar=not args.quiet,
                            unlabeled=not args.no_unlabeled)
+    from ExtremeAugLogic.workspace import Workspace
+
     try:
         result = train(request)
     except InputError:
@@ -222,11 +245,12 @@ def cmd_train(args) -> int:
     if not _rank0():
         return 0
     print(result["message"])
+    ws = Workspace.open(args.workspace)
+    _redraw_rounds_chart(ws)
     if result.get("is_best") and not args.no_predict_worklist:
         from ExtremeAugLogic.inference.worklist import predict_worklist
-        from ExtremeAugLogic.workspace import Workspace
 
-        done = predict_worklist(Workspace.open(args.workspace), args.device)
+        done = predict_worklist(ws, args.device)
         if done:
             print(f"predicted {len(done)} worklist scan(s) with the new best model")
 
@@ -275,14 +299,51 @@ def cmd_status(args) -> int:
     worklist = [c["id"] for c in ws.worklist_cases()]
     print(f"cases: {len(ws.training_cases())} training, {len(ws.validation_cases())} validation, "
           f"{len(worklist)} in the worklist{' (' + ', '.join(worklist) + ')' if worklist else ''}")
-    for row in ws.worklist_state():
+    queued = ws.queued()
+    print(f"queued: {len(queued)}{' (' + ', '.join(queued) + ')' if queued else ''}"
+          " - training cases not in the best model yet; the next training takes them")
+    rows = ws.worklist_state(contract.SUGGESTED_ORDER)
+    if rows:
+        print("worklist, next scan first (ready predictions, most uncertain first):")
+    for row in rows:
         print(f"  worklist {row['id']}: prediction {row['state']}"
               + (f" by {row['version']}, uncertainty {row['uncertainty']:.3f}" if row["version"] else ""))
+    rounds = ws.rounds()
+    if rounds:
+        print(format_rounds(rounds))
+    if ws.rounds_chart_path.is_file():
+        print(f"chart of the rounds: {ws.rounds_chart_path}")
     best = ws.best_version()
+    tested = ws.test_then_train_scores()
+    print("model versions (val Dice: on the validation cases; test-then-train: on the corrected scans it predicted):")
     for v in ws.versions():
         dice = (v.get("val_scores") or {}).get("mean_dice")
+        score = tested.get(v["name"])
+        note = ""
+        if v["name"] == best:
+            note = f"  (best, on trial against {v['trial_against']})" if v.get("trial_against") else "  (best)"
         print(f"  {v['name']}: {v['status']}, val Dice {'-' if dice is None else f'{dice:.3f}'}"
-              f"{'  (best)' if v['name'] == best else ''}")
+              + (f", test-then-train Dice {score['mean_dice']:.3f} over {score['scans']} scan(s)" if score else "")
+              + note)
+
+
+def format_rounds(rows: list) -> str:
+    """The rounds table of ``status``: one line per accepted correction."""
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    table = [("round", "case", "predicted by", "Dice", "binary", "voxels", "slices", "structures", "trained by")]
+    for r in rows:
+        trained = r["trained_by"] or "queued"
+        table.append((str(r["round"]), r["id"], r["predicted_by"] or "?", number(r["mean_dice"]),
+                      number(r["binary_dice"]), "-" if r["changed_voxels"] is None else str(r["changed_voxels"]),
+                      "-" if r["slices_touched"] is None else str(r["slices_touched"]),
+                      ",".join(map(str, r["structures_changed"])) or "-",
+                      trained + (" (in best)" if r["in_best"] else "")))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["rounds (each accepted correction; Dice of the prediction it came from, measured before training on it):"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> int:

@@ -39,6 +39,10 @@ VERSION_RECORD_NAME = "version.json"
 WORKLIST_SPLIT = "worklist"  # a scan without a label yet
 WORKLIST_PREDICTIONS_DIR = f"{PREDICTIONS_DIR}/worklist"
 WORKLIST_ORDERS = ("added", "uncertainty")
+SUGGESTED_ORDER = "uncertainty"  # the order status, the console and the panel's Next scan follow
+WORKLIST_LOCK_NAME = ".worklist.lock"  # held while the worklist is predicted
+ROUNDS_CHART_NAME = "rounds.png"  # Dice and correction effort round by round
+CORRECTED_STATUS = "corrected"  # a case whose label was corrected from a model's prediction
 
 # ---------------------------------------------------------------- training status
 RUNNING_PHASES = ("starting", "preparing", "training", "validating", "saving")
@@ -204,3 +208,79 @@ def worklist_rows(workspace, cases: list, best_version, order: str = "added") ->
     if order == "uncertainty":
         rows.sort(key=lambda r: (r["state"] != "ready", -(r["uncertainty"] or 0.0)))
     return rows
+
+
+# ---------------------------------------------------------------- the loop, round by round
+
+def _mean(values: list) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _tested(case) -> Optional[dict]:
+    """The test-then-train scores of a case record, or None (none, or not numbers)."""
+    scores = case.get("test_scores") if isinstance(case, dict) else None
+    if not isinstance(scores, dict):
+        return None
+    numbers = [scores.get(key) for key in ("mean_dice", "binary_dice")]
+    return scores if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) else None
+
+
+def test_then_train_scores(cases: list) -> dict:
+    """Each model version's test-then-train score, from the corrected scans it predicted.
+
+    ``{version: {"mean_dice", "binary_dice", "scans", "cases"}}``: the mean, over the corrected
+    cases whose ``predicted_by`` names the version, of the Dice of that prediction against the
+    accepted correction (``test_scores``, measured before the case joined training).
+    """
+    by_version: dict = {}
+    for case in sorted((c for c in cases if isinstance(c, dict)), key=lambda c: c.get("order") or 0):
+        scores, version = _tested(case), case.get("predicted_by")
+        if scores is not None and isinstance(version, str):
+            by_version.setdefault(version, []).append((str(case.get("id")), scores))
+    return {version: {"mean_dice": _mean([s["mean_dice"] for _, s in rows]),
+                      "binary_dice": _mean([s["binary_dice"] for _, s in rows]),
+                      "scans": len(rows), "cases": [case_id for case_id, _ in rows]}
+            for version, rows in by_version.items()}
+
+
+def _seen_by(versions: list, name) -> set:
+    record = next((v for v in versions if isinstance(v, dict) and v.get("name") == name), None)
+    return set(record.get("cases_seen") or []) if record else set()
+
+
+def round_rows(cases: list, versions: list, best_version) -> list:
+    """The loop round by round: one row per accepted correction, in the order they were accepted.
+
+    A round is a case whose label was corrected from a model's prediction (status
+    ``corrected``). Its row: ``round`` (1, 2, ...), ``id``, ``accepted_at``, ``split``,
+    ``predicted_by`` (the version whose prediction was corrected, None if unknown), the
+    test-then-train ``mean_dice`` / ``binary_dice`` of that prediction against the correction,
+    the effort (``changed_voxels``, ``slices_touched``, ``structures_changed``), ``trained_by``
+    (the first finished version that trained on it, None while it waits) and ``in_best``
+    (whether the best model trained on it).
+    """
+    in_best = _seen_by(versions, best_version)
+    done = [v for v in versions if isinstance(v, dict) and v.get("status") == VERSION_DONE]
+    rows = []
+    corrected = [c for c in cases if isinstance(c, dict) and c.get("status") == CORRECTED_STATUS]
+    for number, case in enumerate(sorted(corrected, key=lambda c: c.get("order") or 0), start=1):
+        case_id, scores = str(case.get("id")), _tested(case) or {}
+        rows.append({"round": number, "id": case_id, "accepted_at": case.get("added_at"), "split": case.get("split"),
+                     "predicted_by": case.get("predicted_by"), "mean_dice": scores.get("mean_dice"),
+                     "binary_dice": scores.get("binary_dice"), "changed_voxels": case.get("changed_voxels"),
+                     "slices_touched": case.get("slices_touched"),
+                     "structures_changed": case.get("structures_changed") or [],
+                     "trained_by": next((v.get("name") for v in done if case_id in (v.get("cases_seen") or [])), None),
+                     "in_best": case_id in in_best})
+    return rows
+
+
+def queued_cases(cases: list, versions: list, best_version) -> list:
+    """Ids of the labelled training cases the best model has not trained on yet, oldest first.
+
+    Accepted corrections (and delineated scans) wait here until a training that includes them
+    becomes the best model; a training takes every training case there is when it starts.
+    """
+    seen = _seen_by(versions, best_version)
+    ordered = sorted((c for c in cases if isinstance(c, dict)), key=lambda c: c.get("order") or 0)
+    return [str(c.get("id")) for c in ordered if c.get("split") == "train" and c.get("id") not in seen]

@@ -105,6 +105,25 @@ def _version_status(value) -> Optional[str]:
     return f"must be one of {', '.join(contract.VERSION_STATUSES)}, got {_shown(value)}"
 
 
+def _test_scores(value) -> Optional[str]:
+    """A case's test-then-train scores: ``{"mean_dice", "binary_dice", "per_structure": {label: dice}}``."""
+    problem = _dict(value)
+    if problem:
+        return problem
+    for key in ("mean_dice", "binary_dice"):
+        problem = _number(value.get(key))
+        if problem:
+            return f"{key} {problem}"
+    per_structure = value.get("per_structure", {})
+    if not isinstance(per_structure, dict):
+        return f"per_structure must be a JSON object, got {type(per_structure).__name__}"
+    for label, dice in per_structure.items():
+        problem = _number(dice)
+        if problem:
+            return f"per_structure[{_shown(label)}] {problem}"
+    return None
+
+
 def _check_fields(record: dict, checks: dict, where: str, fail) -> None:
     """``fail(field, reason)`` for the first field of ``record`` that its check refuses."""
     for field, check in checks.items():
@@ -192,6 +211,7 @@ _CASE_FIELD_CHECKS: dict[str, Check] = {
     "slices_touched": _optional(_int),
     "structures_changed": _optional(_list_of(_int)),
     "predicted_by": _optional(_version_name),
+    "test_scores": _optional(_test_scores),
 }
 
 # What ``Workspace.new_version``, ``update_version``, ``finish_version`` and the trainer write.
@@ -212,6 +232,7 @@ _VERSION_FIELD_CHECKS: dict[str, Check] = {
     "pid": _optional(_int),
     "pseudo_labels": _optional(_dict),
     "world_size": lambda v: _int(v) or (None if v >= 1 else f"must be 1 or more, got {v}"),  # absent before torchrun
+    "trial_against": _optional(_version_name),
 }
 REQUIRED_VERSION_FIELDS = ("name", "created_at", "settings", "cases_seen", "parent", "status",
                            "val_scores", "iterations")

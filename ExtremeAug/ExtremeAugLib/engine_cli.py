@@ -45,9 +45,11 @@ def initCommand(pythonExecutable, workspace):
     return baseCommand(pythonExecutable) + ["init", os.fspath(workspace)]
 
 
-def addCommand(pythonExecutable, workspace, image, label, caseId=None, correctedFrom=None, names=None):
+def addCommand(pythonExecutable, workspace, image, label, caseId=None, correctedFrom=None, names=None,
+               predictedBy=None):
     """``add``: one delineated or corrected scan (``label`` None: a scan for the worklist);
-    ``names`` maps label value -> structure name."""
+    ``names`` maps label value -> structure name; ``predictedBy``: the model version that made
+    ``correctedFrom``."""
     args = baseCommand(pythonExecutable) + ["add", os.fspath(workspace), "--image", os.fspath(image)]
     if label is not None:
         args += ["--label", os.fspath(label)]
@@ -55,6 +57,8 @@ def addCommand(pythonExecutable, workspace, image, label, caseId=None, corrected
         args += ["--case-id", str(caseId)]
     if correctedFrom:
         args += ["--corrected-from", os.fspath(correctedFrom)]
+    if predictedBy:
+        args += ["--predicted-by", str(predictedBy)]
     if names:
         args += ["--names", json.dumps({str(int(k)): str(v) for k, v in names.items()}, ensure_ascii=False)]
     return args

@@ -111,8 +111,24 @@ class LoopLogic:
         return workspace_view.structureNames(self.workspace) if self.workspace else {}
 
     def modelVersions(self):
-        """Rows ``{name, status, valDice, isBest, casesSeen}``, oldest first."""
+        """Rows ``{name, status, valDice, isBest, casesSeen, score, scoreSource, testDice, testScans,
+        trialAgainst}``, oldest first; ``score`` is the validation Dice, or without one the
+        test-then-train Dice (``workspace_view.versionRows``)."""
         return workspace_view.versionRows(self.workspace) if self.workspace else []
+
+    def rounds(self):
+        """The loop round by round, one row per accepted correction, as ``status`` prints it:
+        ``{round, id, predicted_by, mean_dice, binary_dice, changed_voxels, slices_touched,
+        structures_changed, trained_by, in_best, ...}`` (``contract.round_rows``)."""
+        return workspace_view.roundRows(self.workspace) if self.workspace else []
+
+    def queued(self):
+        """Case ids of the training cases the best model has not trained on yet (the next training takes them)."""
+        return workspace_view.queuedCases(self.workspace) if self.workspace else []
+
+    def roundsChart(self):
+        """The path of the workspace's ``rounds.png`` (Dice and correction effort per round), or None."""
+        return workspace_view.roundsChartPath(self.workspace)
 
     def caseIds(self):
         return workspace_view.caseIds(self.workspace) if self.workspace else []
@@ -143,7 +159,10 @@ class LoopLogic:
         if not Path(predictionFile).is_file():
             raise ValueError(f"The unedited prediction ({predictionFile}) is gone; "
                              "use 'Add as training scan' instead.")
-        return self._addCase(volumeNode, segmentationNode, caseId=None, correctedFrom=Path(predictionFile))
+        version = segmentationNode.GetAttribute(MODEL_VERSION_ATTRIBUTE)
+        known = {row["name"] for row in self.modelVersions()}
+        return self._addCase(volumeNode, segmentationNode, caseId=None, correctedFrom=Path(predictionFile),
+                             predictedBy=version if version in known else None)
 
     def addToWorklist(self, volumeNode, caseId=None):
         """Add a scan without a segmentation to the workspace's worklist; returns its case id.
@@ -171,21 +190,24 @@ class LoopLogic:
         self.log(f"Added '{volumeNode.GetName()}' to the worklist as {caseId}")
         return caseId
 
-    def nextScan(self, order="added"):
+    def nextScan(self, order=contract.SUGGESTED_ORDER):
         """The worklist scan to correct next: ``{id, state, version, uncertainty, prediction, image}`` or None.
 
-        ``order``: "added" (the order the scans joined) or "uncertainty" (the most uncertain ready
-        prediction first); a scan whose prediction is ready comes before one still waiting for it.
+        ``order``: "uncertainty" (default, as ``status`` lists the worklist: the most uncertain
+        ready prediction first) or "added" (the order the scans joined); a scan whose prediction
+        is ready comes before one still waiting for it.
         """
         rows = workspace_view.worklistState(self.workspace, order) if self.workspace else []
         ready = [r for r in rows if r["state"] == "ready"]
         return (ready or rows or [None])[0]
 
-    def loadNextScan(self, scene, order="added"):
+    def loadNextScan(self, scene, order=contract.SUGGESTED_ORDER):
         """Load the next worklist scan, and its waiting prediction as an editable segmentation, into ``scene``.
 
         Returns ``(volumeNode, segmentationNode or None)``; accepting the edited segmentation
-        (``acceptCorrection``) moves the scan into the training set under its case id.
+        (``acceptCorrection``) moves the scan into the training set under its case id, its
+        correction measured against the prediction loaded here (a copy: a newer model may
+        replace the waiting one meanwhile) and the model version that made it.
         """
         row = self.nextScan(order)
         if row is None:
@@ -195,16 +217,28 @@ class LoopLogic:
         volumeNode.SetAttribute(WORKSPACE_ATTRIBUTE, str(self.workspace))
         segmentationNode = None
         if row["prediction"]:
-            segmentationNode = self._predictionToSegmentation(volumeNode, row["prediction"], row["version"])
+            copy = self._snapshotWaitingPrediction(row)
+            segmentationNode = self._predictionToSegmentation(volumeNode, copy, row["version"])
         self.log(f"Loaded worklist scan {row['id']}" + (f" with its prediction by {row['version']}"
                                                          if segmentationNode else " (no prediction yet)"))
         return volumeNode, segmentationNode
 
-    def worklist(self):
-        """The case ids of the workspace's scans without a label, oldest first."""
-        return [row["id"] for row in workspace_view.worklistState(self.workspace)] if self.workspace else []
+    def _snapshotWaitingPrediction(self, row):
+        """A private copy of the prediction waiting for ``row``, checked to be the one its record names."""
+        label = sitk.ReadImage(row["prediction"])
+        record = contract.read_waiting_prediction(self.workspace, row["id"])
+        if record is None or record.get("version") != row["version"]:
+            raise ValueError(f"The prediction waiting for {row['id']} is being replaced by a newer model; "
+                             "press Next scan again in a moment.")
+        copy = self._newTempFolder("next-") / f"{row['id']}_prediction.nii.gz"
+        sitk.WriteImage(label, str(copy), True)
+        return copy
 
-    def _addCase(self, volumeNode, segmentationNode, caseId, correctedFrom):
+    def worklist(self, order=contract.SUGGESTED_ORDER):
+        """The case ids of the workspace's scans without a label, in ``order`` (as ``status`` lists them)."""
+        return [row["id"] for row in workspace_view.worklistState(self.workspace, order)] if self.workspace else []
+
+    def _addCase(self, volumeNode, segmentationNode, caseId, correctedFrom, predictedBy=None):
         """Write scan and label, run the engine's ``add``: ``(caseId, changedVoxels or None)``."""
         workspace = self._requireWorkspace()
         self._refuseDuplicate(volumeNode, segmentationNode)
@@ -224,7 +258,8 @@ class LoopLogic:
             sitk.WriteImage(mrml_bridge.volumeNodeToImage(volumeNode), str(imagePath), True)
             sitk.WriteImage(label, str(labelPath), True)
             self._runEngine(engine_cli.addCommand(self.pythonExecutable, workspace, imagePath, labelPath,
-                                                  caseId=caseId, correctedFrom=correctedFrom, names=names))
+                                                  caseId=caseId, correctedFrom=correctedFrom, names=names,
+                                                  predictedBy=predictedBy))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         volumeNode.RemoveAttribute(WORKLIST_ATTRIBUTE)

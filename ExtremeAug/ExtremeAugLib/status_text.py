@@ -1,4 +1,4 @@
-"""Short human-readable texts for the panel: training phase, time left, loss and Dice."""
+"""Short human-readable texts for the panel: training phase, time left, loss and Dice, the rounds table."""
 
 PHASE_TEXT = {
     "unknown": "no training yet",
@@ -57,3 +57,32 @@ def progressPercent(status):
     if total <= 0:
         return 0
     return max(0, min(100, int(100 * (status.get("iteration") or 0) / total)))
+
+
+def describeScore(versionRow):
+    """A version's Dice for the versions table: validation, or test-then-train with its scan count."""
+    if versionRow.get("scoreSource") == "test-then-train":
+        scans = versionRow.get("testScans") or 0
+        return f"{formatNumber(versionRow.get('score'))} (test-then-train, {scans} scan{'s' if scans != 1 else ''})"
+    return formatNumber(versionRow.get("score"))
+
+
+def describeBest(versionRow):
+    """'best', 'best, on trial against vN' or ''."""
+    if not versionRow.get("isBest"):
+        return ""
+    return f"best, on trial against {versionRow['trialAgainst']}" if versionRow.get("trialAgainst") else "best"
+
+
+def roundCells(roundRow):
+    """The texts of one row of the rounds table (round, case, predicted by, Dice, binary Dice,
+    voxels changed, slices touched, structures changed, trained by)."""
+    def count(value):
+        return "-" if value is None else str(value)
+
+    trained = roundRow.get("trained_by") or "queued"
+    return (str(roundRow["round"]), str(roundRow["id"]), roundRow.get("predicted_by") or "?",
+            formatNumber(roundRow.get("mean_dice")), formatNumber(roundRow.get("binary_dice")),
+            count(roundRow.get("changed_voxels")), count(roundRow.get("slices_touched")),
+            ", ".join(str(v) for v in roundRow.get("structures_changed") or []) or "-",
+            trained + (" (in best)" if roundRow.get("in_best") else ""))

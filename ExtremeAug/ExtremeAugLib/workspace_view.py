@@ -88,24 +88,60 @@ def bestVersion(workspace):
 
 
 def versionRows(workspace):
-    """One row per model version, oldest first: name, status, validation Dice (or None), best."""
+    """One row per model version, oldest first: name, status, validation Dice (or None), best, and its score.
+
+    ``score`` is the validation Dice, or without one the version's test-then-train Dice (its
+    predictions against their accepted corrections; ``testScans`` of them); ``scoreSource``
+    says which ("validation", "test-then-train" or None). ``trialAgainst``: the version a best
+    model on trial must beat (see docs/architecture.md).
+    """
     manifest = readManifest(workspace)
     best = manifest.get("best_version")
     lockPath = Path(workspace) / contract.TRAIN_LOCK_NAME
+    tested = contract.test_then_train_scores(manifest.get("cases") or [])
     rows = []
     for record in manifest.get("versions") or []:
         if not isinstance(record, dict):
             continue
         scores = record.get("val_scores") or {}
         dice = scores.get("mean_dice") if isinstance(scores, dict) else None
+        dice = float(dice) if isinstance(dice, (int, float)) else None
+        test = tested.get(record.get("name"))
         rows.append({
             "name": str(record.get("name", "?")),
             "status": contract.shown_version_status(record, lockPath),
-            "valDice": float(dice) if isinstance(dice, (int, float)) else None,
+            "valDice": dice,
             "isBest": record.get("name") == best,
             "casesSeen": len(record.get("cases_seen") or []),
+            "testDice": test["mean_dice"] if test else None,
+            "testScans": test["scans"] if test else 0,
+            "score": dice if dice is not None else (test["mean_dice"] if test else None),
+            "scoreSource": "validation" if dice is not None else ("test-then-train" if test else None),
+            "trialAgainst": record.get("trial_against"),
         })
     return rows
+
+
+def roundRows(workspace):
+    """The loop round by round, one row per accepted correction (``contract.round_rows``), as the engine's status."""
+    manifest = readManifest(workspace)
+    return contract.round_rows(manifest.get("cases") or [], manifest.get("versions") or [],
+                               manifest.get("best_version"))
+
+
+def queuedCases(workspace):
+    """Training cases the best model has not trained on yet (``contract.queued_cases``)."""
+    manifest = readManifest(workspace)
+    return contract.queued_cases(manifest.get("cases") or [], manifest.get("versions") or [],
+                                 manifest.get("best_version"))
+
+
+def roundsChartPath(workspace):
+    """``rounds.png`` of the workspace (drawn by the engine), or None while there is none."""
+    if not workspace:
+        return None
+    path = Path(workspace) / contract.ROUNDS_CHART_NAME
+    return path if path.is_file() else None
 
 
 def newCaseId(workspace, baseName):
@@ -123,6 +159,6 @@ def newCaseId(workspace, baseName):
 
 
 
-def worklistState(workspace, order="added"):
+def worklistState(workspace, order=contract.SUGGESTED_ORDER):
     """The worklist scans with their waiting predictions (ready, stale, none), as the engine sees them."""
     return contract.worklist_rows(workspace, cases(workspace), bestVersion(workspace), order)

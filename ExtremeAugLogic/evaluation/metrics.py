@@ -26,6 +26,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.workspace import overlap
 from ExtremeAugLogic.workspace.imageio import grid_difference, read_label
 
 # ---------------------------------------------------------------- Dice
@@ -35,33 +36,10 @@ def dice_scores(prediction, reference, labels: Optional[Sequence[int]] = None) -
 
     Returns ``{"per_structure": {label: dice}, "mean_dice": float, "binary_dice": float}``.
     ``labels`` defaults to every non-zero value in either map; ``binary_dice`` merges
-    those labels into one foreground.
+    those labels into one foreground. Computed by ``workspace.overlap.dice_scores``.
     """
     pred, ref = _pair(prediction, reference)
-    labels = _labels(pred, ref, labels)
-    per_structure = {label: _dice(pred == label, ref == label) for label in labels}
-    present = [label for label in labels if np.any(ref == label)]
-    return {
-        "per_structure": per_structure,
-        "mean_dice": _mean_dice(per_structure, present),
-        "binary_dice": _dice(np.isin(pred, labels), np.isin(ref, labels)),
-    }
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.count_nonzero(a & b)) / total
-
-
-def _mean_dice(per_structure: dict, present: list) -> float:
-    """Mean over the structures in the reference (all structures if it has none)."""
-    keys = present or list(per_structure)
-    if not keys:
-        return 1.0
-    return float(np.mean([per_structure[k] for k in keys]))
+    return overlap.dice_scores(pred, ref, _labels(pred, ref, labels))
 
 
 # ---------------------------------------------------------------- HD95

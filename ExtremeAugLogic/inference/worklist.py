@@ -1,9 +1,12 @@
 """Predictions waiting for the clinician: every worklist scan predicted by the best model.
 
 Each prediction is written beside a small record of the model version that made it
-(``predictions/worklist/<case>.nii.gz`` and ``<case>.json``): the label map first, the
-record last, each atomically, so a prediction killed half way leaves no record and is simply
-made again. A record naming another version than today's best model is stale and is redone.
+(``predictions/worklist/<case>.nii.gz`` and ``<case>.json``): the old record is removed
+first, then the label map and the record are written, each atomically, so a record only
+ever names the label map beside it; a prediction killed half way leaves no record (the scan
+reads as having no prediction) and is simply made again. A record naming another version
+than today's best model is stale and is redone. One process predicts the worklist at a time
+(``.worklist.lock``); it first removes the temporary files a killed one left behind.
 Each record also carries an uncertainty: the mean normalised entropy of the class
 probabilities inside the predicted structures (0 = certain, 1 = uniform), 1.0 when the model
 found nothing.
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from pathlib import Path
+
+from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model, to_label_image
-from ExtremeAugLogic.workspace import atomic, imageio
+from ExtremeAugLogic.workspace import atomic, imageio, locking
 from ExtremeAugLogic.workspace.status import now_iso
 
 
@@ -31,23 +37,40 @@ def uncertainty(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
     """Predict every worklist scan whose waiting prediction is missing or stale; returns what was done."""
-    best = workspace.best_version()
-    todo = [row for row in workspace.worklist_state() if row["state"] != "ready"]
-    if best is None or not todo:
-        return []
-    device = resolve_device(device)
-    recipe, config, model, name = load_model(workspace, best, device)
-    done = []
-    for row in todo:
-        image = imageio.read_image(workspace.image_path(row["id"]))
-        probabilities = recipe.predict_probabilities(model, config, image, device)
-        labels = labels_from_probabilities(probabilities, config)
-        label_path, record_path = workspace.worklist_prediction_files(row["id"])
-        imageio.write_image(to_label_image(labels, image), label_path)
-        record = {"version": name, "uncertainty": round(uncertainty(probabilities, labels), 5),
-                  "predicted_at": now_iso(), "foreground_voxels": int((labels > 0).sum())}
-        atomic.write_json(record_path, record)  # last: a record only ever names a complete label map
-        done.append({"id": row["id"], **record})
-        if log:
-            log(f"predicted {row['id']} with {name} (uncertainty {record['uncertainty']:.3f})")
-    return done
+    handle = locking.acquire_blocking(workspace.path / contract.WORKLIST_LOCK_NAME)
+    try:
+        _remove_leftovers(workspace.path / contract.WORKLIST_PREDICTIONS_DIR)
+        best = workspace.best_version()
+        todo = [row for row in workspace.worklist_state() if row["state"] != "ready"]
+        if best is None or not todo:
+            return []
+        device = resolve_device(device)
+        recipe, config, model, name = load_model(workspace, best, device)
+        done = []
+        for row in todo:
+            image = imageio.read_image(workspace.image_path(row["id"]))
+            probabilities = recipe.predict_probabilities(model, config, image, device)
+            labels = labels_from_probabilities(probabilities, config)
+            label_path, record_path = workspace.worklist_prediction_files(row["id"])
+            record_path.unlink(missing_ok=True)  # first: no record may name the label map being replaced
+            imageio.write_image(to_label_image(labels, image), label_path)
+            record = {"version": name, "uncertainty": round(uncertainty(probabilities, labels), 5),
+                      "predicted_at": now_iso(), "foreground_voxels": int((labels > 0).sum())}
+            atomic.write_json(record_path, record)  # last: a record only ever names a complete label map
+            done.append({"id": row["id"], **record})
+            if log:
+                log(f"predicted {row['id']} with {name} (uncertainty {record['uncertainty']:.3f})")
+        return done
+    finally:
+        locking.release(handle)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files (``.<name>.*``) of atomic writes a killed predictor left in ``folder``.
+
+    Only called under the worklist lock: no other process is writing there then.
+    """
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.startswith(".") and path.is_file():
+                path.unlink(missing_ok=True)

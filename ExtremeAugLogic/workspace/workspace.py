@@ -23,7 +23,8 @@ import SimpleITK as sitk
 
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.workspace import atomic, imageio, locking
+from ExtremeAugLogic.workspace import atomic, imageio, locking, rounds_chart
+from ExtremeAugLogic.workspace.overlap import correction_effort, dice_scores
 from ExtremeAugLogic.manifest_check import check_manifest, check_version_record, contained
 from ExtremeAugLogic.workspace.status import now_iso
 
@@ -362,6 +363,37 @@ class Workspace:
             raise InputError(f"{order}: worklist order must be one of {', '.join(contract.WORKLIST_ORDERS)}")
         return contract.worklist_rows(self.path, self.cases(), self.best_version(), order)
 
+    # ------------------------------------------------------------ the loop, round by round
+
+    @property
+    def rounds_chart_path(self) -> Path:
+        """``rounds.png``: Dice and correction effort round by round (``write_rounds_chart``)."""
+        return self.path / contract.ROUNDS_CHART_NAME
+
+    def rounds(self) -> list[dict]:
+        """One row per accepted correction, in the order they were accepted (``contract.round_rows``)."""
+        manifest = self._reload()
+        return contract.round_rows(manifest["cases"], manifest["versions"], manifest["best_version"])
+
+    def queued(self) -> list[str]:
+        """Training cases the best model has not trained on yet (``contract.queued_cases``)."""
+        manifest = self._reload()
+        return contract.queued_cases(manifest["cases"], manifest["versions"], manifest["best_version"])
+
+    def test_then_train_scores(self) -> dict:
+        """Each version's test-then-train score over the corrected scans it predicted."""
+        return contract.test_then_train_scores(self._reload()["cases"])
+
+    def write_rounds_chart(self) -> bool:
+        """Redraw ``rounds.png`` from the manifest as it stands (under the manifest lock, so the
+        newest state is drawn last); False, writing nothing, before the first accepted correction."""
+        with self._locked() as manifest:
+            rows = contract.round_rows(manifest["cases"], manifest["versions"], manifest["best_version"])
+            queued = len(contract.queued_cases(manifest["cases"], manifest["versions"], manifest["best_version"]))
+            title = (f"{len(rows)} accepted correction{'s' if len(rows) != 1 else ''}; best model "
+                     f"{manifest['best_version'] or '-'}; queued: {queued}")
+            return rounds_chart.write_rounds_chart(rows, self.rounds_chart_path, title)
+
     def training_cases(self) -> list[dict]:
         return [c for c in self.cases() if c["split"] == "train"]
 
@@ -384,11 +416,17 @@ class Workspace:
     def add_case(self, image: ImageOrPath, label: ImageOrPath, case_id: Optional[str] = None,
                  corrected_from: Optional[ImageOrPath] = None, structure_names: Optional[dict] = None,
                  split: str = "auto", source_image: Optional[str] = None,
-                 source_label: Optional[str] = None) -> dict:
+                 source_label: Optional[str] = None, predicted_by: Optional[str] = None) -> dict:
         """Validate and add one delineated (or corrected) case; return its manifest entry.
 
         ``image``/``label``/``corrected_from`` are paths or SimpleITK images;
-        ``corrected_from`` is the unedited prediction the label was corrected from.
+        ``corrected_from`` is the unedited prediction the label was corrected from, and
+        ``predicted_by`` the model version that made it (known by itself for a worklist scan's
+        waiting prediction). A corrected case records its correction effort and, before it
+        joins training, its test-then-train scores: the Dice of the prediction against the
+        accepted correction (``test_scores``), an unseen-scan measurement of ``predicted_by``.
+        Without validation cases that may decide a best model on trial (see
+        ``finish_version``); the returned entry then also holds ``trial``, a sentence saying how.
         Everything is checked before anything is written.
         """
         if split not in ("auto", "train", "validation"):
@@ -400,14 +438,16 @@ class Workspace:
             waiting = self._worklist_entry(case_id, self._reload())
             if waiting is None:
                 self._check_new_id(case_id, self._reload())
-        predicted_by = None
+        made_by = None
         record = self.waiting_prediction(case_id) if waiting is not None else None
         if record is not None:  # the prediction the clinician corrected: the effort is measured against it
             waiting_file = self.worklist_prediction_files(case_id)[0]
             if corrected_from is None:
                 corrected_from = waiting_file
             if isinstance(corrected_from, (str, os.PathLike)) and Path(corrected_from).resolve() == waiting_file.resolve():
-                predicted_by = record["version"]
+                made_by = record["version"]
+        if predicted_by is not None:
+            made_by = self._check_predicted_by(predicted_by, corrected_from, made_by, case_id)
         img, img_name, src_img = _load_image(image, source_image)
         if waiting is not None:  # the scan is already in the workspace: the one given must be the same
             stored = imageio.read_image(self.path / waiting["image"])
@@ -422,11 +462,12 @@ class Workspace:
         lab.CopyInformation(img)  # exact grid, not merely within tolerance
         if pred is not None:
             pred.CopyInformation(img)
-        changed, effort = None, {}
+        changed, effort, tested = None, {}, None
         if pred is not None:
             effort = correction_effort(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(lab),
                                        _slice_axis(img))
             changed = effort["changed_voxels"]
+            tested = _test_scores(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(lab))
 
         with self._locked() as manifest:
             if case_id is None:
@@ -458,7 +499,8 @@ class Workspace:
                 "changed_voxels": changed,
                 **({"slices_touched": effort["slices_touched"], "structures_changed": effort["structures_changed"]}
                    if effort else {}),
-                **({"predicted_by": predicted_by} if predicted_by else {}),
+                **({"predicted_by": made_by} if made_by else {}),
+                **({"test_scores": tested} if tested else {}),
                 "order": order,
             }
             imageio.write_image(img, self.path / entry["image"])
@@ -468,11 +510,27 @@ class Workspace:
             cases.append(entry)
             manifest["cases"] = cases
             manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
+            trial, judged = self._judge_trial(manifest)
             self._save()
+            for judged_record in judged:
+                self._write_version_json(judged_record)
             if waiting is not None:  # no longer waiting: its worklist prediction is kept as the case's own
                 for path in self.worklist_prediction_files(case_id):
                     path.unlink(missing_ok=True)
-        return dict(entry)
+        return dict(entry, **({"trial": trial} if trial else {}))
+
+    def _check_predicted_by(self, predicted_by, corrected_from, made_by, case_id) -> str:
+        """``predicted_by`` if it names a version of this workspace that can have made ``corrected_from``."""
+        problem = contract.name_problem(predicted_by, "version name")
+        if problem:
+            raise InputError(f"{predicted_by!r}: {problem}")
+        self.version(predicted_by)  # InputError for an unknown version
+        if corrected_from is None:
+            raise InputError(f"{predicted_by}: names the model of a prediction; give the prediction the "
+                             "label was corrected from too (--corrected-from)")
+        if made_by is not None and made_by != predicted_by:
+            raise InputError(f"{predicted_by}: the prediction waiting for {case_id} was made by {made_by}")
+        return predicted_by
 
     @staticmethod
     def _worklist_entry(case_id: str, manifest: dict) -> Optional[dict]:
@@ -642,6 +700,12 @@ class Workspace:
         Higher ``val_scores["mean_dice"]`` wins. Without validation on either side, the
         newest finished model becomes best. A failed version never becomes best.
         Returns whether ``name`` is now the best version.
+
+        Without any validation case in the workspace, a new version cannot be scored when it
+        finishes (it trained on every labelled scan). If the best model already has a
+        test-then-train score, the new version becomes best *on trial* against it (or against
+        the version the best was on trial against): the first corrected scan the new version
+        predicted decides, in ``add_case``, which of the two stays (``_judge_trial``).
         """
         with self._locked() as manifest:
             record = self._find_version(manifest, name)
@@ -650,23 +714,67 @@ class Workspace:
             best = None
             if best_name and best_name != name:
                 best = next((v for v in manifest["versions"] if v["name"] == best_name), None)
-            is_best, reason = _compare_to_best(record, best)
+            rival = _trial_rival(manifest, best) if val_scores is None else None
+            is_best, reason = _compare_to_best(record, best, rival)
             record["best_reason"] = reason if is_best else None
             record["comparison"] = reason
+            record["trial_against"] = rival["name"] if is_best and rival else None
+            replaced = best if is_best and best is not None and best.get("trial_against") else None
+            if replaced is not None:  # its trial passes to the new best (above)
+                replaced["trial_against"] = None
             if is_best:
                 manifest["best_version"] = name
             self._save()
             self._write_version_json(record)
+            if replaced is not None:
+                self._write_version_json(replaced)
         return is_best
+
+    def _judge_trial(self, manifest: dict) -> tuple[Optional[str], list]:
+        """Decide a best version on trial once a scan it predicted was corrected (no validation cases).
+
+        It stays best if its test-then-train mean Dice is at least its rival's (over the scans
+        each predicted); otherwise the rival is the best model again. Returns (a sentence or
+        None, the version records changed).
+        """
+        best = next((v for v in manifest["versions"] if v["name"] == manifest.get("best_version")), None)
+        if best is None or not best.get("trial_against") or _has_validation(manifest):
+            return None, []
+        tested = contract.test_then_train_scores(manifest["cases"])
+        mine = tested.get(best["name"])
+        if mine is None:
+            return None, []
+        rival = next((v for v in manifest["versions"] if v["name"] == best["trial_against"]), None)
+        theirs = tested.get(best["trial_against"])
+        best["trial_against"] = None
+        if rival is None or theirs is None or rival.get("status") != contract.VERSION_DONE \
+                or mine["mean_dice"] >= theirs["mean_dice"]:
+            if theirs is not None and rival is not None:
+                reason = (f"test-then-train mean Dice {mine['mean_dice']:.4f} over {_scans(mine)} >= "
+                          f"{theirs['mean_dice']:.4f} of {rival['name']} over {_scans(theirs)}")
+            else:
+                reason = f"test-then-train mean Dice {mine['mean_dice']:.4f} over {_scans(mine)}; no rival to compare"
+            best["best_reason"] = best["comparison"] = reason
+            return f"{best['name']} stays the best model: {reason}", [best]
+        reason = (f"test-then-train mean Dice {theirs['mean_dice']:.4f} over {_scans(theirs)} > "
+                  f"{mine['mean_dice']:.4f} of {best['name']} over {_scans(mine)}")
+        best["best_reason"] = None
+        best["comparison"] = f"dropped after its trial: {reason}"
+        rival["best_reason"] = reason
+        manifest["best_version"] = rival["name"]
+        return f"{rival['name']} is the best model again: {reason}", [best, rival]
 
     def set_best_version(self, name: Optional[str], reason: str = "chosen by the user") -> None:
         """Make ``name`` the model used for prediction (or None for none)."""
         with self._locked() as manifest:
+            record = None
             if name is not None:
                 record = self._find_version(manifest, name)
-                record["best_reason"] = reason
+                record.update(best_reason=reason, trial_against=None)
             manifest["best_version"] = name
             self._save()
+            if record is not None:
+                self._write_version_json(record)
 
     def _find_version(self, manifest: dict, name: str) -> dict:
         for record in manifest["versions"]:
@@ -695,16 +803,6 @@ class Workspace:
 
 # ---------------------------------------------------------------- helpers
 
-def correction_effort(prediction: np.ndarray, corrected: np.ndarray, slice_axis: int) -> dict:
-    """What a correction changed: voxels, slices (along ``slice_axis``, numpy order) and structures."""
-    differs = prediction != corrected
-    others = tuple(a for a in range(differs.ndim) if a != slice_axis)
-    structures = np.union1d(np.unique(prediction[differs]), np.unique(corrected[differs]))
-    return {"changed_voxels": int(np.count_nonzero(differs)),
-            "slices_touched": int(np.count_nonzero(differs.any(axis=others))),
-            "structures_changed": [int(v) for v in structures if v != 0]}
-
-
 def _slice_axis(image: sitk.Image) -> int:
     """The numpy axis a clinician draws slice by slice: the acquisition plane (largest spacing, then fewest voxels)."""
     spacing = tuple(reversed(image.GetSpacing()))
@@ -713,8 +811,11 @@ def _slice_axis(image: sitk.Image) -> int:
 
 
 
-def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
-    """Whether ``record`` should replace ``best``, and why (a short sentence)."""
+def _compare_to_best(record: dict, best: Optional[dict], rival: Optional[dict] = None) -> tuple[bool, str]:
+    """Whether ``record`` should replace ``best``, and why (a short sentence).
+
+    ``rival``: without validation, the version a new best model is on trial against.
+    """
     if record["status"] == contract.VERSION_FAILED:
         return False, "training failed"
     new = _mean_dice(record)
@@ -724,6 +825,8 @@ def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
         return True, f"first model with validation mean Dice {new:.4f}"
     old = _mean_dice(best)
     if new is None and old is None:
+        if rival is not None:
+            return True, f"{NO_VALIDATION_REASON}, on trial against {rival['name']} (test-then-train)"
         return True, NO_VALIDATION_REASON
     if new is None:
         return False, f"no validation score; {best['name']} has validation mean Dice {old:.4f}"
@@ -732,6 +835,35 @@ def _compare_to_best(record: dict, best: Optional[dict]) -> tuple[bool, str]:
     if new > old:
         return True, f"validation mean Dice {new:.4f} > {old:.4f} of {best['name']}"
     return False, f"validation mean Dice {new:.4f} <= {old:.4f} of {best['name']}"
+
+
+def _has_validation(manifest: dict) -> bool:
+    return any(c["split"] == "validation" for c in manifest["cases"])
+
+
+def _trial_rival(manifest: dict, best: Optional[dict]) -> Optional[dict]:
+    """Without validation cases: the version a new best would be on trial against, or None.
+
+    The best model itself once a scan it predicted was corrected (it has a test-then-train
+    score), else the version the best model is still on trial against.
+    """
+    if best is None or _has_validation(manifest):
+        return None
+    tested = contract.test_then_train_scores(manifest["cases"])
+    name = best["name"] if best["name"] in tested else best.get("trial_against")
+    return next((v for v in manifest["versions"] if v["name"] == name), None) if name else None
+
+
+def _scans(scores: dict) -> str:
+    return f"{scores['scans']} scan{'s' if scores['scans'] != 1 else ''}"
+
+
+def _test_scores(prediction: np.ndarray, corrected: np.ndarray) -> dict:
+    """Test-then-train: the Dice of a prediction against its accepted correction (binary, per structure)."""
+    labels = [int(v) for v in np.union1d(np.unique(prediction), np.unique(corrected)) if v != 0]
+    scores = dice_scores(prediction, corrected, labels)
+    return {"mean_dice": float(scores["mean_dice"]), "binary_dice": float(scores["binary_dice"]),
+            "per_structure": {str(k): float(v) for k, v in scores["per_structure"].items()}}
 
 
 def _mean_dice(record: dict) -> Optional[float]:
