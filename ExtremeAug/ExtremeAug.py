@@ -626,12 +626,18 @@ class ExtremeAugTest(ScriptedLoadableModuleTest):
         correctedCase, changed = logic.acceptCorrection(scans[1], prediction)
         self.assertEqual(changed, mrml_bridge.countChangedVoxels(predictedLabel, truths[1]))
         self.assertIn(correctedCase, logic.caseIds())
+        rounds = logic.rounds()  # round 1: v1's prediction scored against the correction (test-then-train)
+        self.assertEqual([(r["id"], r["predicted_by"], r["changed_voxels"]) for r in rounds], [(correctedCase, "v1", changed)])
+        self.assertTrue(0.0 <= rounds[0]["mean_dice"] <= 1.0)
+        self.assertEqual(logic.queued(), [correctedCase])
+        self.assertIsNotNone(logic.roundsChart())
 
         self.delayDisplay(f"Retraining {self.RETRAIN_ITERATIONS} iterations from the best model")
         logic.startTraining(iterations=self.RETRAIN_ITERATIONS, modelType="2d", device=self.DEVICE, initFrom="best")
         status = logic.waitForTraining(timeout=self.TIMEOUT_S)
         self.assertEqual(status["phase"], "done", status.get("error"))
         self.assertEqual(len(logic.modelVersions()), 2)
+        self.assertEqual(logic.queued(), [])  # the retrained model took the correction
 
         self.delayDisplay("Segmenting phantom 3 with the retrained model")
         third = logic.segmentScan(scans[2], version="latest", timeout=self.TIMEOUT_S)

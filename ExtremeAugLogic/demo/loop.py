@@ -99,7 +99,7 @@ def run_demo(data: str | None = None, workspace: str | None = None, minutes: flo
     rounds.append(row)
 
     say(f"round 2: the corrected {id2} joins the training set; retraining from the last model")
-    ws.add_case(img2, lab2, case_id=id2, corrected_from=pred2)
+    ws.add_case(img2, lab2, case_id=id2, corrected_from=pred2, predicted_by=ws.best_version())
     run_training(ws.path, budget, extra + ["--init-from", "best"], say)
 
     _, row = _predict_round(ws, 2, id3, img3, lab3, root, device, say, "a correction would change")
