@@ -228,10 +228,10 @@ _VERSION_FIELD_CHECKS: dict[str, Check] = {
     "finished_at": _optional(_text),
     "best_reason": _optional(_text),
     "comparison": _optional(_text),
+    "trial_against": _optional(_version_name),
     "rescored_at": _optional(_text),
     "pid": _optional(_int),
     "pseudo_labels": _optional(_dict),
-    "trial_against": _optional(_version_name),
 }
 REQUIRED_VERSION_FIELDS = ("name", "created_at", "settings", "cases_seen", "parent", "status",
                            "val_scores", "iterations")
