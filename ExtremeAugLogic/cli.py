@@ -227,13 +227,12 @@ def _redraw_rounds_chart(ws) -> None:
 
 def cmd_train(args) -> int:
     from ExtremeAugLogic.training import TrainRequest, train
+    from ExtremeAugLogic.workspace import Workspace
 
     request = TrainRequest(args.workspace, minutes=args.minutes, iterations=args.iterations, level=args.level,
                            device=args.device, resume=args.resume, init_from=args.init_from, model=args.model,
                            settings=parse_settings(args.set), seed=args.seed, progress_bar=not args.quiet,
                            unlabeled=not args.no_unlabeled)
-    from ExtremeAugLogic.workspace import Workspace
-
     try:
         result = train(request)
     except InputError:
