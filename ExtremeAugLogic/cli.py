@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rank0() -> bool:
     """Whether this process prints: always, except the ranks other than 0 of a torchrun training."""
-    return os.environ.get("RANK", "0") == "0"
+    return "WORLD_SIZE" not in os.environ or os.environ.get("RANK", "0") == "0"
 
 
 def cmd_init(args) -> int:

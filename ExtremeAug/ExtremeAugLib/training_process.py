@@ -19,10 +19,8 @@ RUNNING_PHASES = contract.RUNNING_PHASES
 DEFAULT_STATUS = {
     "phase": "unknown", "iteration": 0, "total": 0, "loss": None, "val_dice": None, "eta_s": None,
     "version": None, "error": None, "pid": None, "started_at": None, "updated_at": None, "message": "",
-    "world_size": 1,
 }
-_NUMBER_FIELDS = {"iteration": int, "total": int, "loss": float, "val_dice": float, "eta_s": float, "pid": int,
-                  "world_size": int}
+_NUMBER_FIELDS = {"iteration": int, "total": int, "loss": float, "val_dice": float, "eta_s": float, "pid": int}
 
 
 # ------------------------------------------------------------------ status
@@ -55,6 +53,8 @@ def readStatus(workspace):
     status.update(data)
     for field, kind in _NUMBER_FIELDS.items():
         status[field] = _asNumber(status.get(field), kind, DEFAULT_STATUS[field])
+    if "world_size" in status:  # training processes (torchrun); absent: one
+        status["world_size"] = _asNumber(status["world_size"], int, 1)
     status["phase"] = str(status.get("phase") or "unknown")
     status["message"] = str(status.get("message") or "")
     return status
