@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
+# the shared spine MRI beside the checkout; EXTREMEAUG_DATA names another folder (e.g. a copy on a GPU server)
+DATA = Path(os.environ.get("EXTREMEAUG_DATA") or REPO.parent / "shared" / "data")
 sys.path.insert(0, str(REPO))
 
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU figures, on a lent GPU machine whose Python has torch but not monai or SimpleITK.
+#   benchmarks/run_gpu_reports.sh smoke      # ~2 min: CUDA paths of both methods, throughput of one GPU
+#   benchmarks/run_gpu_reports.sh protocol   # ~9 min: vb01 vb07 vb13 -> every other vb scan, 1 min each method
+# Expects, beside the checkout's files: .gpu/sitk.tar.xz (an unpacked SimpleITK wheel, xz-packed to
+# fit the transfer), .gpu/monai-*.whl, .gpu/data/spine-vb (a copy of the shared scans); writes to $OUT.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 EXTREMEAUG_DATA=$PWD/.gpu/data
+SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if ! $PY -c "import SimpleITK, monai" 2>/dev/null; then
+  tar xJf .gpu/sitk.tar.xz -C "$SITE" && $PY -m pip install -q --no-index --no-deps --no-compile .gpu/monai-*.whl || exit 1
+fi
+$PY -c "import torch, monai, SimpleITK; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0), '| monai', monai.__version__, '| SimpleITK', SimpleITK.Version_VersionString())" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "${1:-smoke}" in
+  smoke)
+    timeout 150 $PY benchmarks/generalisation.py --set vb --quick --device cuda --out "$OUT/generalisation-quick-gpu.md" 2>&1 | tail -25
+    timeout 90 $PY benchmarks/bench_distributed.py --device cuda --processes 1 --seconds 30 --skip-target \
+      --out "$OUT/bench-distributed-gpu.md" 2>&1 | tail -15 ;;
+  protocol)
+    timeout ${PROTOCOL_SECONDS:-520} $PY benchmarks/generalisation.py --set vb --device cuda --minutes ${MINUTES:-1} \
+      --train-cases ${TRAIN_CASES:-vb01 vb07 vb13} --label gpu-1min --out "$OUT/generalisation-vb-gpu-1min.md" 2>&1 | tail -40 ;;
+esac
+ls -la "$OUT"
