@@ -1,18 +1,19 @@
 """The loop as a clinician lives it, on real scans: correct, retrain, correct again.
 
     python benchmarks/loop.py --set vb --start vb01 --rounds 4
-    python benchmarks/loop.py --set vb --start vb01 --rounds 2 --minutes 2 --retrain-minutes 1 --quick
+    python benchmarks/loop.py --set vb --start vb01 --rounds 1 --minutes 0.3 --retrain-minutes 0.2 --worklist vb02 vb03
 
-From one delineated scan, with every other scan of the set in the worklist, for each
-configuration (worklist order: ``added`` or ``uncertainty``; retraining: ``warm`` = from the
-best model, or ``scratch``):
+From one delineated scan, with every other scan of the set in the worklist:
 
-1. ``train`` (first budget); the engine then predicts every worklist scan (``predict --worklist``);
-2. per round: take the next scan in the chosen order, "correct" its waiting prediction with the
-   true label (``add --label --case-id``: the engine records voxels changed, slices touched and
-   structures changed against that prediction), retrain for the retrain budget; the engine
-   predicts the worklist again with the new best model;
-3. score: the waiting predictions of every scan not corrected yet against their true labels
+0. ``train`` (first budget) once; the engine then predicts every worklist scan (``predict --worklist``);
+   every configuration continues from a copy of this workspace (worklist order: ``added`` or
+   ``uncertainty``, the suggested order; retraining: ``warm`` = from the best model for the retrain
+   budget, or ``scratch`` = a fresh model for the first training's budget);
+1. per round of a configuration: take the next scan in its order, "correct" its waiting
+   prediction with the true label (``add --label --case-id``: the engine records voxels changed,
+   slices touched and structures changed against that prediction, and scores the prediction
+   against the correction), retrain; the engine predicts the worklist again with the new model;
+2. score: the waiting predictions of every scan not corrected yet against their true labels
    (binary and per-structure Dice), i.e. the model of this round on unseen scans.
 
 Corrected scans join training (``--split train``): each is scored before it is trained on, so
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -66,11 +68,12 @@ def summary(scores: dict) -> dict:
             "mean_dice": float(np.mean([s["mean_dice"] for s in scores.values()])), "scans": len(scores)}
 
 
-def run_loop(args, data: Path, work: Path, order: str, warm: bool, names: dict) -> dict:
-    ws = work / f"{order}-{'warm' if warm else 'scratch'}" / "ws"
+def train_start(args, data: Path, work: Path, names: dict) -> tuple[Path, dict]:
+    """The delineated scan, the worklist and the first training, once for every configuration:
+    each configuration continues from a copy, so all start from the same model (round 0)."""
+    ws = work / "start" / "ws"
     log = ws.parent / "engine.log"
     ws.parent.mkdir(parents=True)
-    labels = sorted(names)
     run_measured_child(engine("init", ws, "--names", json.dumps({str(k): v for k, v in names.items()})), log)
     run_measured_child(engine("add", ws, "--image", data / f"{args.start}_image.nii.gz", "--label",
                               data / f"{args.start}_label.nii.gz", "--case-id", args.start, "--split", "train"), log)
@@ -78,11 +81,23 @@ def run_loop(args, data: Path, work: Path, order: str, warm: bool, names: dict) 
         run_measured_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--case-id", case), log)
     options = [x for kv in args.set_option for x in ("--set", kv)]
     first = run_measured_child(engine("train", ws, "--minutes", args.minutes, "--quiet", *options), log)
-    rounds = [{"round": 0, "corrected": None, "train_wall_s": round(first["wall_s"], 1),
-               "scores": remaining_scores(ws, data, labels)}]
-    rounds[0].update(summary(rounds[0]["scores"]))
-    print(f"  {order}/{'warm' if warm else 'scratch'} round 0: binary {rounds[0]['binary_dice']:.3f}, "
-          f"per-structure {rounds[0]['mean_dice']:.3f} on {rounds[0]['scans']} scans", flush=True)
+    round0 = {"round": 0, "corrected": None, "train_wall_s": round(first["wall_s"], 1),
+              "scores": remaining_scores(ws, data, sorted(names))}
+    round0.update(summary(round0["scores"]))
+    print(f"  round 0: binary {round0['binary_dice']:.3f}, per-structure {round0['mean_dice']:.3f} "
+          f"on {round0['scans']} scans; first training + worklist {round0['train_wall_s']:.0f} s", flush=True)
+    return ws, round0
+
+
+def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: str, warm: bool,
+             names: dict) -> dict:
+    ws = work / f"{order}-{'warm' if warm else 'scratch'}" / "ws"
+    log = ws.parent / "engine.log"
+    ws.parent.mkdir(parents=True)
+    shutil.copytree(start_ws, ws)
+    labels = sorted(names)
+    options = [x for kv in args.set_option for x in ("--set", kv)]
+    rounds = [dict(round0)]
     from ExtremeAugLogic.workspace import Workspace
 
     for number in range(1, args.rounds + 1):
@@ -90,15 +105,21 @@ def run_loop(args, data: Path, work: Path, order: str, warm: bool, names: dict) 
         if not state:
             break
         case = state[0]["id"]
+        best_before = Workspace.open(ws).best_version()
         run_measured_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--label",
                                   data / f"{case}_label.nii.gz", "--case-id", case, "--split", "train"), log)
-        entry = Workspace.open(ws).case(case)
-        retrain = ["--init-from", "best"] if warm else options
-        timing = run_measured_child(engine("train", ws, "--minutes", args.retrain_minutes, "--quiet", *retrain), log)
+        after_add = Workspace.open(ws)
+        entry, best_after_add = after_add.case(case), after_add.best_version()
+        retrain = ["--init-from", "best", "--minutes", args.retrain_minutes] if warm else \
+            [*options, "--minutes", args.scratch_minutes]
+        timing = run_measured_child(engine("train", ws, "--quiet", *retrain), log)
+        tested = entry.get("test_scores") or {}
         row = {"round": number, "corrected": case, "changed_voxels": entry.get("changed_voxels"),
                "slices_touched": entry.get("slices_touched"), "structures_changed": entry.get("structures_changed"),
-               "predicted_by": entry.get("predicted_by"), "train_wall_s": round(timing["wall_s"], 1),
-               "scores": remaining_scores(ws, data, labels)}
+               "predicted_by": entry.get("predicted_by"), "tested_binary": tested.get("binary_dice"),
+               "tested_mean": tested.get("mean_dice"), "best_before": best_before,
+               "best_after_correction": best_after_add, "best_after_retrain": Workspace.open(ws).best_version(),
+               "train_wall_s": round(timing["wall_s"], 1), "scores": remaining_scores(ws, data, labels)}
         row.update(summary(row["scores"]))
         rounds.append(row)
         print(f"  round {number}: corrected {case} ({row['changed_voxels']} voxels, {row['slices_touched']} slices); "
@@ -114,18 +135,25 @@ def _f(value):
 def render(results: dict, command: str) -> str:
     lines = [f"# The loop on real scans: {results['set']}, start {results['start']}", "",
              f"- command: `{command}`", f"- machine: {results['machine']}",
-             f"- first training {results['minutes']:g} min, each retrain {results['retrain_minutes']:g} min "
-             "(wall time includes predicting the worklist with the new best model)",
-             "- effort: what the correction of that round's scan changed in its waiting prediction; "
-             "Dice: the new best model's waiting predictions on the scans not corrected yet", ""]
+             f"- first training {results['minutes']:g} min; each retrain: warm start (from the best model) "
+             f"{results['retrain_minutes']:g} min, from scratch {results.get('scratch_minutes', results['minutes']):g} min "
+             "(train + worklist s includes predicting the worklist with the new model); every configuration "
+             "continues from the same first model",
+             "- effort: what the correction of that round's scan changed in its waiting prediction; tested: the "
+             "Dice of that prediction against the correction (test-then-train, an unseen-scan score of the model "
+             "that made it); best: the best version after the correction was accepted (a model on trial kept or "
+             "reverted) and after the retrain; Dice: the waiting predictions of the scans not corrected yet", ""]
     for run in results["runs"]:
         lines += [f"## order {run['order']}, {'warm start' if run['warm'] else 'from scratch'}", "",
-                  "| round | corrected | voxels changed | slices touched | structures changed | binary Dice | "
-                  "per-structure Dice | scans | train + worklist s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| round | corrected | voxels changed | slices touched | structures changed | tested binary / "
+                  "per-structure | best after correction -> retrain | binary Dice | per-structure Dice | scans | "
+                  "train + worklist s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in run["rounds"]:
+            tested = "-" if r.get("tested_binary") is None else f"{r['tested_binary']:.3f} / {r['tested_mean']:.3f}"
+            best = "-" if not r["round"] else f"{r.get('best_after_correction')} -> {r.get('best_after_retrain')}"
             lines.append(f"| {r['round']} | {r['corrected'] or '-'} | {r.get('changed_voxels', '-')} | "
-                         f"{r.get('slices_touched', '-')} | {r.get('structures_changed', '-')} | {_f(r['binary_dice'])} | "
-                         f"{_f(r['mean_dice'])} | {r['scans']} | {r['train_wall_s']:.0f} |")
+                         f"{r.get('slices_touched', '-')} | {r.get('structures_changed', '-')} | {tested} | {best} | "
+                         f"{_f(r['binary_dice'])} | {_f(r['mean_dice'])} | {r['scans']} | {r['train_wall_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -158,8 +186,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--minutes", type=float, default=8.0, help="first training")
     parser.add_argument("--retrain-minutes", type=float, default=2.0)
-    parser.add_argument("--orders", nargs="+", default=["added", "uncertainty"], choices=("added", "uncertainty"))
-    parser.add_argument("--starts", nargs="+", default=["warm", "scratch"], choices=("warm", "scratch"))
+    parser.add_argument("--scratch-minutes", type=float, default=None,
+                        help="a retrain from scratch (default: the first training's budget)")
+    parser.add_argument("--runs", nargs="+", default=["added/warm", "uncertainty/warm", "added/scratch"],
+                        choices=[f"{o}/{s}" for o in ("added", "uncertainty") for s in ("warm", "scratch")],
+                        help="worklist order / retraining: added = the order the scans were added, uncertainty = "
+                             "the suggested order; warm = from the best model, scratch = a fresh model")
     parser.add_argument("--set-option", action="append", default=[], help="recipe setting KEY=VALUE for train")
     parser.add_argument("--out", default=None, help="markdown report (default docs/results/loop-<set>.md)")
     args = parser.parse_args(argv)
@@ -170,19 +202,24 @@ def main(argv=None) -> int:
     args.worklist = args.worklist if args.worklist is not None else [c for c in cases if c != args.start]
     out = Path(args.out or Path(__file__).resolve().parent.parent / "docs" / "results" / f"loop-{args.set}.md")
     command = "python benchmarks/loop.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.scratch_minutes = args.scratch_minutes or args.minutes
     results = {"set": args.set, "start": args.start, "minutes": args.minutes, "retrain_minutes": args.retrain_minutes,
+               "scratch_minutes": args.scratch_minutes,
                "machine": machine(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="extremeaug-loop-") as tmp:
-        for order in args.orders:
-            for start in args.starts:
-                print(f"loop: order {order}, {start}", flush=True)
-                began = time.monotonic()
-                results["runs"].append(run_loop(args, data, Path(tmp), order, start == "warm", names))
-                print(f"  {time.monotonic() - began:.0f} s", flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-                plot(results, out.with_suffix(".png"))
-                out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
+        print(f"loop: first training from {args.start} ({args.minutes:g} min), {len(args.worklist)} scans in the worklist",
+              flush=True)
+        start_ws, round0 = train_start(args, data, Path(tmp), names)
+        for run in args.runs:
+            order, start = run.split("/")
+            print(f"loop: order {order}, {start}", flush=True)
+            began = time.monotonic()
+            results["runs"].append(run_loop(args, data, Path(tmp), start_ws, round0, order, start == "warm", names))
+            print(f"  {time.monotonic() - began:.0f} s", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            plot(results, out.with_suffix(".png"))
+            out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
     print(f"wrote {out}")
     return 0
 
