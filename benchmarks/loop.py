@@ -170,8 +170,9 @@ def plot(results: dict, png: Path) -> None:
         xs = [r["round"] for r in run["rounds"]]
         left.plot(xs, [r["mean_dice"] for r in run["rounds"]], marker="o", label=name)
         right.plot(xs[1:], [r["changed_voxels"] for r in run["rounds"][1:]], marker="o", label=name)
-    left.set(xlabel="round", ylabel="per-structure Dice, scans not corrected yet", ylim=(0, 1))
-    right.set(xlabel="round", ylabel="voxels the correction changed")
+    rounds = sorted({r["round"] for run in results["runs"] for r in run["rounds"]})
+    left.set(xlabel="round", ylabel="per-structure Dice, scans not corrected yet", ylim=(0, 1), xticks=rounds)
+    right.set(xlabel="round (the scan corrected in it)", ylabel="voxels the correction changed", xticks=rounds[1:])
     left.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
