@@ -288,7 +288,8 @@ class ExtremeAugWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startTraining(self, initFrom):
         p = self._parameterNode
         self.logic.ensureDependencies()
-        self.logic.startTraining(minutes=p.minutes, level=p.level, modelType=p.modelType, device=p.device,
+        minutes = LoopLogic.retrainMinutes(p.minutes) if initFrom else p.minutes
+        self.logic.startTraining(minutes=minutes, level=p.level, modelType=p.modelType, device=p.device,
                                  initFrom=initFrom, processes=p.processes)
         self._chartPoints = 0
         self.ui.chartLabel.clear()

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(batch_size is per process; the learning rate is unchanged).")
     p.add_argument("workspace")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help="wall-clock budget (default 8 on CPU, 1 on GPU)")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget (default 8 on CPU, 1 on GPU; "
+                        "a quarter of that with --init-from)")
     budget.add_argument("--iterations", type=int, help="iteration budget")
     p.add_argument("--level", type=int, help="augmentation level N (transforms per patch; 0 = unlimited)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
@@ -303,7 +304,7 @@ def cmd_status(args) -> int:
           " - training cases not in the best model yet; the next training takes them")
     rows = ws.worklist_state(contract.SUGGESTED_ORDER)
     if rows:
-        print("worklist, next scan first (ready predictions, most uncertain first):")
+        print("worklist, in the order the scans were added (the next scan: the first with a ready prediction):")
     for row in rows:
         print(f"  worklist {row['id']}: prediction {row['state']}"
               + (f" by {row['version']}, uncertainty {row['uncertainty']:.3f}" if row["version"] else ""))

@@ -38,8 +38,15 @@ VERSION_RECORD_NAME = "version.json"
 
 WORKLIST_SPLIT = "worklist"  # a scan without a label yet
 WORKLIST_PREDICTIONS_DIR = f"{PREDICTIONS_DIR}/worklist"
+# the worklist predictions of the model a new best is on trial against, kept for a paired trial
+WORKLIST_PREVIOUS_DIR = f"{WORKLIST_PREDICTIONS_DIR}/previous"
 WORKLIST_ORDERS = ("added", "uncertainty")
-SUGGESTED_ORDER = "uncertainty"  # the order status, the console and the panel's Next scan follow
+# the order status, the console and the panel's Next scan follow: the order the scans were added, since
+# the most-uncertain-first order cost more correction for no better model (docs/results/loop-vb.md)
+SUGGESTED_ORDER = "added"
+# a warm-started retrain (--init-from) gets this share of the first training's budget by default: in the
+# loop benchmark 2 warm minutes after a correction beat the 8-minute model it started from (docs/results/loop-vb.md)
+RETRAIN_FRACTION = 0.25
 WORKLIST_LOCK_NAME = ".worklist.lock"  # held while the worklist is predicted
 ROUNDS_CHART_NAME = "rounds.png"  # Dice and correction effort round by round
 CORRECTED_STATUS = "corrected"  # a case whose label was corrected from a model's prediction
@@ -163,19 +170,36 @@ def shown_version_status(record: dict, lock_path) -> str:
 
 def worklist_prediction_files(workspace, case_id: str) -> tuple:
     """(label map, record) of the prediction waiting for worklist scan ``case_id``."""
+    return _prediction_files(Path(workspace) / WORKLIST_PREDICTIONS_DIR, case_id)
+
+
+def previous_prediction_files(workspace, case_id: str) -> tuple:
+    """(label map, record) of the prediction ``case_id`` had from the model that the best model is
+    on trial against: kept so that the trial compares both models on the same corrected scan."""
+    return _prediction_files(Path(workspace) / WORKLIST_PREVIOUS_DIR, case_id)
+
+
+def _prediction_files(folder: Path, case_id: str) -> tuple:
     problem = name_problem(case_id, "case id")
     if problem:
         raise ValueError(f"{case_id!r}: {problem}")
-    folder = Path(workspace) / WORKLIST_PREDICTIONS_DIR
     return folder / f"{case_id}{FILE_ENDING}", folder / f"{case_id}.json"
 
 
 def read_waiting_prediction(workspace, case_id: str) -> Optional[dict]:
     """The record (model ``version``, ``uncertainty``) of a waiting prediction, or None if there is
     none usable: the label map is written before its record, so a record names a complete file."""
+    return _read_prediction_record(*worklist_prediction_files(workspace, case_id))
+
+
+def read_previous_prediction(workspace, case_id: str) -> Optional[dict]:
+    """The record of the kept previous prediction of ``case_id`` (``previous_prediction_files``), or None."""
+    return _read_prediction_record(*previous_prediction_files(workspace, case_id))
+
+
+def _read_prediction_record(labels: Path, record_path: Path) -> Optional[dict]:
     import json
 
-    labels, record_path = worklist_prediction_files(workspace, case_id)
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -212,6 +212,8 @@ _CASE_FIELD_CHECKS: dict[str, Check] = {
     "structures_changed": _optional(_list_of(_int)),
     "predicted_by": _optional(_version_name),
     "test_scores": _optional(_test_scores),
+    "previous_model_scores": _optional(lambda v: _dict(v) or _version_name(v.get("version"))
+                                       or _number(v.get("mean_dice")) or _number(v.get("binary_dice"))),
 }
 
 # What ``Workspace.new_version``, ``update_version``, ``finish_version`` and the trainer write.

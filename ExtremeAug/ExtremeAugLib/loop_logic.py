@@ -193,8 +193,8 @@ class LoopLogic:
     def nextScan(self, order=contract.SUGGESTED_ORDER):
         """The worklist scan to correct next: ``{id, state, version, uncertainty, prediction, image}`` or None.
 
-        ``order``: "uncertainty" (default, as ``status`` lists the worklist: the most uncertain
-        ready prediction first) or "added" (the order the scans joined); a scan whose prediction
+        ``order``: "added" (default, as ``status`` lists the worklist: the order the scans
+        joined) or "uncertainty" (the most uncertain prediction first); a scan whose prediction
         is ready comes before one still waiting for it.
         """
         rows = workspace_view.worklistState(self.workspace, order) if self.workspace else []
@@ -303,6 +303,12 @@ class LoopLogic:
     def isTraining(self):
         process = self.trainingProcess
         return process is not None and process.isRunning()
+
+    @staticmethod
+    def retrainMinutes(firstMinutes):
+        """The budget of a warm-started retrain (Retrain): a quarter of the first training's
+        (``contract.RETRAIN_FRACTION``, as the engine's default for ``--init-from``)."""
+        return float(firstMinutes) * contract.RETRAIN_FRACTION
 
     def startTraining(self, minutes=None, iterations=None, level=None, modelType="2d", device="auto",
                       initFrom=None, resume=False, processes=1):

@@ -10,18 +10,24 @@ than today's best model is stale and is redone. One process predicts the worklis
 Each record also carries an uncertainty: the mean normalised entropy of the class
 probabilities inside the predicted structures (0 = certain, 1 = uniform), 1.0 when the model
 found nothing.
+
+When the best model is on trial against another version (no validation cases: the first
+corrected scan it predicted decides), the rival's waiting predictions are not thrown away but
+kept in ``predictions/worklist/previous/`` (moved label map first, then its record): the
+correction then scores both models on the same scan, and a model dropped after its trial hands
+the worklist back to the rival's predictions without predicting again.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
+
+import numpy as np
 
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model, to_label_image
-from ExtremeAugLogic.workspace import atomic, imageio, locking
+from ExtremeAugLogic.workspace import atomic, imageio, locking, waiting_predictions
 from ExtremeAugLogic.workspace.status import now_iso
 
 
@@ -40,10 +46,12 @@ def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
     handle = locking.acquire_blocking(workspace.path / contract.WORKLIST_LOCK_NAME)
     try:
         _remove_leftovers(workspace.path / contract.WORKLIST_PREDICTIONS_DIR)
+        _remove_leftovers(workspace.path / contract.WORKLIST_PREVIOUS_DIR)
         best = workspace.best_version()
         todo = [row for row in workspace.worklist_state() if row["state"] != "ready"]
         if best is None or not todo:
             return []
+        rival = workspace.version(best).get("trial_against")
         device = resolve_device(device)
         recipe, config, model, name = load_model(workspace, best, device)
         done = []
@@ -52,6 +60,8 @@ def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
             probabilities = recipe.predict_probabilities(model, config, image, device)
             labels = labels_from_probabilities(probabilities, config)
             label_path, record_path = workspace.worklist_prediction_files(row["id"])
+            if rival is not None and row["state"] == "stale" and row["version"] == rival:
+                waiting_predictions.keep_as_previous(workspace.path, row["id"])
             record_path.unlink(missing_ok=True)  # first: no record may name the label map being replaced
             imageio.write_image(to_label_image(labels, image), label_path)
             record = {"version": name, "uncertainty": round(uncertainty(probabilities, labels), 5),

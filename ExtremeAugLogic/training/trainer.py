@@ -47,6 +47,14 @@ from ExtremeAugLogic.workspace.locking import OwnerLock
 
 DEFAULT_MINUTES_CPU = 8.0
 DEFAULT_MINUTES_GPU = 1.0
+
+
+def default_minutes(gpu: bool, warm_start: bool) -> float:
+    """The wall-clock budget when none is given: 8 min on a CPU, 1 on a GPU; a warm-started
+    retrain (``--init-from``) a quarter of that (``contract.RETRAIN_FRACTION``)."""
+    minutes = DEFAULT_MINUTES_GPU if gpu else DEFAULT_MINUTES_CPU
+    return minutes * contract.RETRAIN_FRACTION if warm_start else minutes
+
 CHECKPOINT_EVERY_S = 60.0
 LOG_EVERY_S = 5.0
 VALIDATE_AT = (0.25, 0.5, 0.75)
@@ -215,7 +223,7 @@ class _Trainer:
             return {"budget_iterations": int(self.req.iterations), "budget_minutes": None}
         minutes = self.req.minutes
         if minutes is None:
-            minutes = DEFAULT_MINUTES_GPU if is_gpu(self.device) else DEFAULT_MINUTES_CPU
+            minutes = default_minutes(is_gpu(self.device), warm_start=bool(self.req.init_from))
         return {"budget_iterations": None, "budget_minutes": float(minutes)}
 
     @property

@@ -65,6 +65,15 @@ def acquire_blocking(path: Path):
     return handle
 
 
+def try_acquire(path: Path):
+    """Open and exclusively lock ``path`` if no other process holds it: the handle, else None."""
+    handle = open(path, "a+b")
+    if _try_lock(handle):
+        return handle
+    handle.close()
+    return None
+
+
 def release(handle) -> None:
     if handle is not None:
         _unlock(handle)

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.workspace import atomic, imageio, locking, rounds_chart
+from ExtremeAugLogic.workspace import atomic, imageio, locking, rounds_chart, waiting_predictions
 from ExtremeAugLogic.workspace.overlap import correction_effort, dice_scores
 from ExtremeAugLogic.manifest_check import check_manifest, check_version_record, contained
 from ExtremeAugLogic.workspace.status import now_iso
@@ -468,6 +468,9 @@ class Workspace:
                                        _slice_axis(img))
             changed = effort["changed_voxels"]
             tested = _test_scores(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(lab))
+        previous_scores = None
+        if tested is not None and record is not None and made_by == record["version"]:
+            previous_scores = self._previous_model_scores(case_id, made_by, lab, img, img_name)
 
         with self._locked() as manifest:
             if case_id is None:
@@ -501,6 +504,7 @@ class Workspace:
                    if effort else {}),
                 **({"predicted_by": made_by} if made_by else {}),
                 **({"test_scores": tested} if tested else {}),
+                **({"previous_model_scores": previous_scores} if previous_scores else {}),
                 "order": order,
             }
             imageio.write_image(img, self.path / entry["image"])
@@ -510,6 +514,7 @@ class Workspace:
             cases.append(entry)
             manifest["cases"] = cases
             manifest["structures"] = {str(k): v for k, v in sorted(merged.items())}
+            best_before = manifest.get("best_version")
             trial, judged = self._judge_trial(manifest)
             self._save()
             for judged_record in judged:
@@ -517,7 +522,26 @@ class Workspace:
             if waiting is not None:  # no longer waiting: its worklist prediction is kept as the case's own
                 for path in self.worklist_prediction_files(case_id):
                     path.unlink(missing_ok=True)
+                waiting_predictions.forget(self.path, case_id)
+            if manifest.get("best_version") not in (None, best_before):  # dropped after its trial
+                restored = waiting_predictions.restore_previous(
+                    self.path, [c["id"] for c in cases if c["split"] == WORKLIST], manifest["best_version"])
+                if restored:
+                    trial += f"; its waiting predictions of {len(restored)} worklist scan(s) are back"
         return dict(entry, **({"trial": trial} if trial else {}))
+
+    def _previous_model_scores(self, case_id: str, made_by: str, label: sitk.Image, image: sitk.Image,
+                               image_name: str) -> Optional[dict]:
+        """The Dice of the kept prediction of another model (``waiting_predictions``) against the same
+        correction: ``{"version", "mean_dice", "binary_dice"}``, or None when none was kept."""
+        kept = contract.read_previous_prediction(self.path, case_id)
+        if kept is None or kept["version"] == made_by:
+            return None
+        kept_file = contract.previous_prediction_files(self.path, case_id)[0]
+        kept_labels, _, _ = _load_label(kept_file, None, "prediction", image, image_name, allow_empty=True)
+        kept_labels.CopyInformation(image)
+        scores = _test_scores(sitk.GetArrayViewFromImage(kept_labels), sitk.GetArrayViewFromImage(label))
+        return {"version": kept["version"], "mean_dice": scores["mean_dice"], "binary_dice": scores["binary_dice"]}
 
     def _check_predicted_by(self, predicted_by, corrected_from, made_by, case_id) -> str:
         """``predicted_by`` if it names a version of this workspace that can have made ``corrected_from``."""
@@ -733,9 +757,10 @@ class Workspace:
     def _judge_trial(self, manifest: dict) -> tuple[Optional[str], list]:
         """Decide a best version on trial once a scan it predicted was corrected (no validation cases).
 
-        It stays best if its test-then-train mean Dice is at least its rival's (over the scans
-        each predicted); otherwise the rival is the best model again. Returns (a sentence or
-        None, the version records changed).
+        It stays best if its test-then-train mean Dice is at least its rival's: over the same
+        corrected scans where the rival's prediction of them was kept (``previous_model_scores``),
+        else over the scans each predicted; otherwise the rival is the best model again.
+        Returns (a sentence or None, the version records changed).
         """
         best = next((v for v in manifest["versions"] if v["name"] == manifest.get("best_version")), None)
         if best is None or not best.get("trial_against") or _has_validation(manifest):
@@ -746,6 +771,9 @@ class Workspace:
             return None, []
         rival = next((v for v in manifest["versions"] if v["name"] == best["trial_against"]), None)
         theirs = tested.get(best["trial_against"])
+        paired = _paired_scores(manifest["cases"], best["name"], best["trial_against"])
+        if paired is not None:  # both models' predictions of the same corrected scans
+            mine, theirs = paired
         best["trial_against"] = None
         if rival is None or theirs is None or rival.get("status") != contract.VERSION_DONE \
                 or mine["mean_dice"] >= theirs["mean_dice"]:
@@ -855,7 +883,27 @@ def _trial_rival(manifest: dict, best: Optional[dict]) -> Optional[dict]:
 
 
 def _scans(scores: dict) -> str:
-    return f"{scores['scans']} scan{'s' if scores['scans'] != 1 else ''}"
+    same = "the same " if scores.get("paired") else ""
+    return f"{same}{scores['scans']} scan{'s' if scores['scans'] != 1 else ''}"
+
+
+def _paired_scores(cases: list, name: str, rival: str) -> Optional[tuple[dict, dict]]:
+    """(``name``'s, ``rival``'s) test-then-train means over the corrected scans both predicted:
+    those ``name`` predicted whose kept previous prediction was ``rival``'s; None if there are none."""
+    rows = [c for c in cases if c.get("predicted_by") == name and isinstance(c.get("test_scores"), dict)
+            and isinstance(c.get("previous_model_scores"), dict) and c["previous_model_scores"].get("version") == rival]
+    if not rows:
+        return None
+
+    def mean(key: str, field: str) -> float:
+        return float(np.mean([c[key][field] for c in rows]))
+
+    ids = [c["id"] for c in rows]
+    return ({"mean_dice": mean("test_scores", "mean_dice"), "binary_dice": mean("test_scores", "binary_dice"),
+             "scans": len(rows), "cases": ids, "paired": True},
+            {"mean_dice": mean("previous_model_scores", "mean_dice"),
+             "binary_dice": mean("previous_model_scores", "binary_dice"), "scans": len(rows), "cases": ids,
+             "paired": True})
 
 
 def _test_scores(prediction: np.ndarray, corrected: np.ndarray) -> dict:

@@ -196,8 +196,7 @@ def test_rounds_table_chart_and_order_through_the_command_line(loop_ws, command)
 
     ws, pairs = loop_ws
     suggested = [r["id"] for r in ws.worklist_state(contract.SUGGESTED_ORDER)]
-    uncertainties = [r["uncertainty"] for r in ws.worklist_state(contract.SUGGESTED_ORDER)]
-    assert uncertainties == sorted(uncertainties, reverse=True)
+    assert suggested == [c["id"] for c in ws.worklist_cases()]  # the order they were added
     logic = LoopLogic(pythonExecutable=sys.executable)
     logic.setWorkspace(ws.path)
     assert logic.nextScan()["id"] == suggested[0] and logic.worklist() == suggested
@@ -310,6 +309,53 @@ def test_a_replaced_prediction_loses_its_record_first(loop_ws, monkeypatch):
 
 # ---------------------------------------------------------------- the console (real MRML)
 
+def _spoil(truth_file, missed: bool) -> sitk.Image:
+    """The true label map, or (``missed``) the same with structure 1 missed."""
+    truth = read_label(truth_file)
+    array = sitk.GetArrayFromImage(truth)
+    if missed:
+        array[array == 1] = 0
+    spoiled = sitk.GetImageFromArray(array)
+    spoiled.CopyInformation(truth)
+    return spoiled
+
+
+def test_a_trial_compares_both_models_on_the_same_corrected_scan(loop_ws):
+    """A new best on trial keeps its rival's waiting predictions; the correction scores both on
+    that scan; a model dropped after its trial hands the worklist back to its rival's predictions."""
+    ws, pairs = loop_ws
+    ws.add_case(*pairs["w1"], case_id="w1", split="train")  # corrected from v1's waiting prediction
+    assert ws.case("w1")["predicted_by"] == "v1" and "previous_model_scores" not in ws.case("w1")
+    assert cli.main(["train", str(ws.path), "--iterations", "2", "--quiet", *SETS]) == 0
+    assert ws.best_version() == "v2" and ws.version("v2")["trial_against"] == "v1"
+    for case_id in ("w2", "w3", "w4"):  # the predictor kept v1's predictions beside v2's
+        assert ws.waiting_prediction(case_id)["version"] == "v2"
+        assert contract.read_previous_prediction(ws.path, case_id)["version"] == "v1"
+
+    # w2: v2's prediction is right, v1's missed a structure: v2 stays, judged on the same scan
+    write_image(_spoil(pairs["w2"][1], False), ws.worklist_prediction_files("w2")[0])
+    write_image(_spoil(pairs["w2"][1], True), contract.previous_prediction_files(ws.path, "w2")[0])
+    decided = ws.add_case(*pairs["w2"], case_id="w2", split="train")
+    assert decided["trial"].startswith("v2 stays the best model") and "over the same 1 scan" in decided["trial"]
+    assert decided["test_scores"]["mean_dice"] == 1.0
+    assert decided["previous_model_scores"]["version"] == "v1" and decided["previous_model_scores"]["mean_dice"] < 1.0
+    assert not any(contract.previous_prediction_files(ws.path, "w2")[i].exists() for i in (0, 1))
+
+    # v3 on trial against v2; on w3 v3 is worse than v2 was: v2 is back, and so are its predictions
+    assert cli.main(["train", str(ws.path), "--iterations", "2", "--quiet", *SETS]) == 0
+    assert ws.best_version() == "v3" and ws.version("v3")["trial_against"] == "v2"
+    assert contract.read_previous_prediction(ws.path, "w4")["version"] == "v2"
+    write_image(_spoil(pairs["w3"][1], True), ws.worklist_prediction_files("w3")[0])
+    write_image(_spoil(pairs["w3"][1], False), contract.previous_prediction_files(ws.path, "w3")[0])
+    decided = ws.add_case(*pairs["w3"], case_id="w3", split="train")
+    assert decided["trial"].startswith("v2 is the best model again") and "same 1 scan" in decided["trial"]
+    assert decided["trial"].endswith("its waiting predictions of 1 worklist scan(s) are back")
+    assert ws.best_version() == "v2"
+    assert [(r["id"], r["state"], r["version"]) for r in ws.worklist_state()] == [("w4", "ready", "v2")]
+    assert contract.read_previous_prediction(ws.path, "w4") is None
+    assert Workspace.open(ws.path).case("w3")["previous_model_scores"]["version"] == "v2"  # the manifest reads back
+
+
 def test_console_rounds_queue_chart_and_versions(loop_ws):
     """``loadNextScan`` -> ``acceptCorrection`` -> ``rounds()``, ``queued()``, ``roundsChart()``,
     ``modelVersions()``: what the panel shows, equal to the engine's view."""
@@ -340,3 +386,29 @@ def test_console_rounds_queue_chart_and_versions(loop_ws):
         assert status_text.roundCells(logic.rounds()[0])[:4] == ("1", case_id, "v1", "1.000")
     finally:
         headless.close()
+
+
+def test_a_warm_retrain_defaults_to_a_quarter_of_the_first_budget():
+    """The engine's default for --init-from and the panel's Retrain follow the loop benchmark."""
+    from ExtremeAugLib.loop_logic import LoopLogic
+    from ExtremeAugLogic.training.trainer import default_minutes
+
+    assert default_minutes(gpu=False, warm_start=False) == 8.0 and default_minutes(gpu=True, warm_start=False) == 1.0
+    assert default_minutes(gpu=False, warm_start=True) == 2.0 and default_minutes(gpu=True, warm_start=True) == 0.25
+    assert LoopLogic.retrainMinutes(8.0) == 2.0
+
+
+def test_train_init_from_without_a_budget_takes_the_retrain_default(loop_ws):
+    """``train --init-from best`` with no budget records a quarter of the CPU default (2 min); stopped at once."""
+    ws, _ = loop_ws
+    process = subprocess.Popen([sys.executable, "-m", "ExtremeAugLogic", "train", str(ws.path), "--init-from", "best",
+                                "--device", "cpu", "--quiet", *SETS], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(Workspace.open(ws.path).versions()) < 2:
+            time.sleep(0.2)
+        settings = Workspace.open(ws.path).version("v2")["settings"]
+        assert settings["budget_minutes"] == 2.0 and settings["budget_iterations"] is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
