@@ -105,6 +105,14 @@ def _version_status(value) -> Optional[str]:
     return f"must be one of {', '.join(contract.VERSION_STATUSES)}, got {_shown(value)}"
 
 
+def _previous_model_scores(value) -> Optional[str]:
+    """Another model's prediction of a corrected case scored like ``test_scores``, with its ``version``."""
+    problem = _test_scores(value)
+    if problem:
+        return problem
+    return _version_name(value.get("version"))  # its message names the version
+
+
 def _test_scores(value) -> Optional[str]:
     """A case's test-then-train scores: ``{"mean_dice", "binary_dice", "per_structure": {label: dice}}``."""
     problem = _dict(value)
@@ -212,8 +220,7 @@ _CASE_FIELD_CHECKS: dict[str, Check] = {
     "structures_changed": _optional(_list_of(_int)),
     "predicted_by": _optional(_version_name),
     "test_scores": _optional(_test_scores),
-    "previous_model_scores": _optional(lambda v: _dict(v) or _version_name(v.get("version"))
-                                       or _number(v.get("mean_dice")) or _number(v.get("binary_dice"))),
+    "previous_model_scores": _optional(_previous_model_scores),
 }
 
 # What ``Workspace.new_version``, ``update_version``, ``finish_version`` and the trainer write.

@@ -79,8 +79,7 @@ def train_start(args, data: Path, work: Path, names: dict) -> tuple[Path, dict]:
                               data / f"{args.start}_label.nii.gz", "--case-id", args.start, "--split", "train"), log)
     for case in args.worklist:
         run_measured_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--case-id", case), log)
-    options = [x for kv in args.set_option for x in ("--set", kv)]
-    first = run_measured_child(engine("train", ws, "--minutes", args.minutes, "--quiet", *options), log)
+    first = run_measured_child(engine("train", ws, "--minutes", args.minutes, "--quiet", *args.train_options), log)
     round0 = {"round": 0, "corrected": None, "train_wall_s": round(first["wall_s"], 1),
               "scores": remaining_scores(ws, data, sorted(names))}
     round0.update(summary(round0["scores"]))
@@ -96,7 +95,6 @@ def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: 
     ws.parent.mkdir(parents=True)
     shutil.copytree(start_ws, ws)
     labels = sorted(names)
-    options = [x for kv in args.set_option for x in ("--set", kv)]
     rounds = [dict(round0)]
     from ExtremeAugLogic.workspace import Workspace
 
@@ -111,7 +109,7 @@ def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: 
         after_add = Workspace.open(ws)
         entry, best_after_add = after_add.case(case), after_add.best_version()
         retrain = ["--init-from", "best", "--minutes", args.retrain_minutes] if warm else \
-            [*options, "--minutes", args.scratch_minutes]
+            [*args.train_options, "--minutes", args.scratch_minutes]
         timing = run_measured_child(engine("train", ws, "--quiet", *retrain), log)
         tested = entry.get("test_scores") or {}
         row = {"round": number, "corrected": case, "changed_voxels": entry.get("changed_voxels"),
@@ -204,6 +202,7 @@ def main(argv=None) -> int:
     out = Path(args.out or Path(__file__).resolve().parent.parent / "docs" / "results" / f"loop-{args.set}.md")
     command = "python benchmarks/loop.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.scratch_minutes = args.scratch_minutes or args.minutes
+    args.train_options = [x for kv in args.set_option for x in ("--set", kv)]  # a fresh model's settings
     results = {"set": args.set, "start": args.start, "minutes": args.minutes, "retrain_minutes": args.retrain_minutes,
                "scratch_minutes": args.scratch_minutes,
                "machine": machine(), "runs": []}

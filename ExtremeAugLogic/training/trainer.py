@@ -47,6 +47,10 @@ from ExtremeAugLogic.workspace.locking import OwnerLock
 
 DEFAULT_MINUTES_CPU = 8.0
 DEFAULT_MINUTES_GPU = 1.0
+CHECKPOINT_EVERY_S = 60.0
+LOG_EVERY_S = 5.0
+VALIDATE_AT = (0.25, 0.5, 0.75)
+MAX_PERIODIC_VALIDATION_CASES = 2
 
 
 def default_minutes(gpu: bool, warm_start: bool) -> float:
@@ -54,11 +58,6 @@ def default_minutes(gpu: bool, warm_start: bool) -> float:
     retrain (``--init-from``) a quarter of that (``contract.RETRAIN_FRACTION``)."""
     minutes = DEFAULT_MINUTES_GPU if gpu else DEFAULT_MINUTES_CPU
     return minutes * contract.RETRAIN_FRACTION if warm_start else minutes
-
-CHECKPOINT_EVERY_S = 60.0
-LOG_EVERY_S = 5.0
-VALIDATE_AT = (0.25, 0.5, 0.75)
-MAX_PERIODIC_VALIDATION_CASES = 2
 
 
 @dataclass

@@ -19,14 +19,20 @@ from ExtremeAugLogic import contract
 from ExtremeAugLogic.workspace import locking
 
 
+def _move(source: tuple, target: tuple) -> None:
+    """Move a (label map, record) pair onto another slot: the target's record out first, then the
+    label map, its record last (a killed move leaves no record naming a missing or foreign label map)."""
+    (label, record), (target_label, target_record) = source, target
+    target_record.parent.mkdir(parents=True, exist_ok=True)
+    target_record.unlink(missing_ok=True)
+    os.replace(label, target_label)
+    os.replace(record, target_record)
+
+
 def keep_as_previous(workspace_path: Path, case_id: str) -> None:
     """Move the waiting prediction of ``case_id`` to the previous slot (the caller holds the worklist lock)."""
-    label_path, record_path = contract.worklist_prediction_files(workspace_path, case_id)
-    kept_label, kept_record = contract.previous_prediction_files(workspace_path, case_id)
-    kept_record.parent.mkdir(parents=True, exist_ok=True)
-    kept_record.unlink(missing_ok=True)
-    os.replace(label_path, kept_label)
-    os.replace(record_path, kept_record)
+    _move(contract.worklist_prediction_files(workspace_path, case_id),
+          contract.previous_prediction_files(workspace_path, case_id))
 
 
 def restore_previous(workspace_path: Path, case_ids: list[str], version: str) -> list[str]:
@@ -45,11 +51,8 @@ def restore_previous(workspace_path: Path, case_ids: list[str], version: str) ->
             kept = contract.read_previous_prediction(workspace_path, case_id)
             if kept is None or kept["version"] != version:
                 continue
-            label_path, record_path = contract.worklist_prediction_files(workspace_path, case_id)
-            kept_label, kept_record = contract.previous_prediction_files(workspace_path, case_id)
-            record_path.unlink(missing_ok=True)
-            os.replace(kept_label, label_path)
-            os.replace(kept_record, record_path)
+            _move(contract.previous_prediction_files(workspace_path, case_id),
+                  contract.worklist_prediction_files(workspace_path, case_id))
             restored.append(case_id)
         return restored
     finally:

@@ -895,15 +895,11 @@ def _paired_scores(cases: list, name: str, rival: str) -> Optional[tuple[dict, d
     if not rows:
         return None
 
-    def mean(key: str, field: str) -> float:
-        return float(np.mean([c[key][field] for c in rows]))
+    def means(key: str) -> dict:
+        return {**{field: float(np.mean([c[key][field] for c in rows])) for field in ("mean_dice", "binary_dice")},
+                "scans": len(rows), "cases": [c["id"] for c in rows], "paired": True}
 
-    ids = [c["id"] for c in rows]
-    return ({"mean_dice": mean("test_scores", "mean_dice"), "binary_dice": mean("test_scores", "binary_dice"),
-             "scans": len(rows), "cases": ids, "paired": True},
-            {"mean_dice": mean("previous_model_scores", "mean_dice"),
-             "binary_dice": mean("previous_model_scores", "binary_dice"), "scans": len(rows), "cases": ids,
-             "paired": True})
+    return means("test_scores"), means("previous_model_scores")
 
 
 def _test_scores(prediction: np.ndarray, corrected: np.ndarray) -> dict:
