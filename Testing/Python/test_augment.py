@@ -74,6 +74,23 @@ def test_identity_transform_is_an_exact_crop_and_shift_moves_content():
     assert torch.allclose(x[0, 0, 5:, :29], images[1, 0, 16:43, 19:48])
 
 
+def test_padding_modes_outside_the_slice():
+    images = torch.rand(1, 1, 64, 64) + 0.5
+    labels = torch.ones(1, 1, 64, 64, dtype=torch.uint8)
+    up = {"angle": torch.zeros(1), "scale": torch.ones(1), "shift": torch.tensor([[20.0, 0.0]])}
+    grid = augment.sampling_grid(torch.tensor([[16, 32]]), up, 32, 64)  # 16 rows above the slice
+    inside, outside = (slice(None), slice(None), slice(20, None)), (slice(None), slice(None), slice(0, 12))
+    for padding, image_outside, label_outside in [("zeros", "zero", 0), ("reflection", "mirror", 1),
+                                                  ("reflection-background", "mirror", 0)]:
+        x, y = augment.sample_patches(images, labels, torch.tensor([0]), grid, padding)
+        assert (y[inside] == 1).all()
+        assert (y[outside] == label_outside).all(), padding
+        if image_outside == "zero":
+            assert (x[outside] == 0).all()
+        else:  # patch row r (slice row r - 20) shows slice row 19 - r, mirrored at the edge
+            assert torch.allclose(x[0, 0, 0:12], images[0, 0, 8:20, 16:48].flip(0), atol=1e-5), padding
+
+
 def test_image_and_label_stay_aligned_after_augmentation():
     label = torch.zeros(3, 1, 128, 128, dtype=torch.uint8)
     label[:, :, 30:70, 40:100] = 1

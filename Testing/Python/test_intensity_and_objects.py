@@ -72,6 +72,30 @@ def test_random_convolution_keeps_each_sample_mean_and_changes_texture():
     assert augment.random_convolution(three, 1.0, torch.Generator().manual_seed(0)).shape == three.shape
 
 
+def test_field_of_view_cut_blanks_one_edge_band_in_image_and_label_alike():
+    x = torch.rand((64, 3, 20, 20)) + 1.0  # no zero before the cut
+    y = torch.randint(1, 4, (64, 1, 20, 20))
+    cx, cy = augment.cut_field_of_view(x, y, 1.0, 0.5, torch.Generator().manual_seed(0))
+    blank_x, blank_y = (cx == 0).all(dim=1), (cy == 0)[:, 0]
+    assert torch.equal(blank_x, blank_y)  # the label loses exactly what the image loses
+    assert torch.equal(cx[~(cx == 0)], x[~(cx == 0)]) and torch.equal(cy[cy > 0], y[cy > 0])
+    edges = set()
+    for band in blank_x:
+        rows, cols = band.all(dim=1), band.all(dim=0)
+        depth = int(band.sum()) // 20
+        assert depth <= 10  # at most half the patch
+        if depth:
+            # one band along one edge, full width
+            assert band.sum() == depth * 20
+            edge = ("top" if rows[:depth].all() else "bottom" if rows[-depth:].all()
+                    else "left" if cols[:depth].all() else "right")
+            assert edge != "right" or cols[-depth:].all()
+            edges.add(edge)
+    assert edges == {"top", "bottom", "left", "right"}
+    kept_x, kept_y = augment.cut_field_of_view(x, y, 0.0, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(kept_x, x) and torch.equal(kept_y, y)  # probability 0: untouched
+
+
 def test_foreground_is_decided_before_the_structure():
     # a boundary voxel: background 0.4, its foreground split 0.3 / 0.3 between two levels
     probabilities = np.zeros((3, 4, 4, 4), np.float32)
@@ -148,7 +172,7 @@ def test_a_2_5d_model_trains_and_predicts_on_the_scan_grid(tmp_path):
     ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
     ws.add_case(*pairs[0])
     small = {"inplane_size": 48, "patch_size": 48, "stride": 24, "base_features": 4, "depth": 3, "max_features": 16,
-             "batch_size": 4, "context_slices": 1, "context_step": 2, "remap": 0.5, "random_conv": 0.5}
+             "batch_size": 4, "context_slices": 1, "context_step": 2, "remap": 0.5, "random_conv": 0.5, "fov_cut": 0.5}
     train(TrainRequest(str(ws.path), iterations=3, settings=small, progress_bar=False))
     from ExtremeAugLogic.inference.predict import load_model
 

@@ -101,12 +101,20 @@ def sampling_grid(centres_rc: torch.Tensor, params: dict, patch: int, size: int)
 
 def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids: torch.Tensor,
                    grid: torch.Tensor, padding: str = "reflection"):
-    """Sample image (bilinear) and label (nearest) patches from (S, 1, H, W) slice stacks."""
-    x = F.grid_sample(images[slice_ids], grid, mode="bilinear", padding_mode=padding,
+    """Sample image (bilinear) and label (nearest) patches from (S, 1, H, W) slice stacks.
+
+    ``padding`` (outside the slice): "zeros" or "reflection" for image and label alike, or
+    "reflection-background": the image mirrored, the label background there, so the model meets
+    structure-like anatomy beyond the labelled ones (a whole vertebra above L1) that is not to
+    be segmented.
+    """
+    image_padding = "reflection" if padding == "reflection-background" else padding
+    label_padding = "zeros" if padding == "reflection-background" else padding
+    x = F.grid_sample(images[slice_ids], grid, mode="bilinear", padding_mode=image_padding,
                       align_corners=False)
     if labels is None:
         return x, None
-    y = F.grid_sample(labels[slice_ids].float(), grid, mode="nearest", padding_mode=padding,
+    y = F.grid_sample(labels[slice_ids].float(), grid, mode="nearest", padding_mode=label_padding,
                       align_corners=False)
     return x, y.round().long()
 
@@ -228,14 +236,44 @@ def random_convolution(x: torch.Tensor, probability: float, generator: torch.Gen
     return x + apply * alpha * (y - x)
 
 
+def cut_field_of_view(x: torch.Tensor, y: torch.Tensor | None, probability: float, max_fraction: float,
+                      generator: torch.Generator | None = None):
+    """With ``probability`` per sample, end the field of view early at one random edge.
+
+    A band of up to ``max_fraction`` of the patch along one of its four edges becomes 0 in the
+    image and background in the label, as if the scan had been acquired with a smaller field of
+    view there. A structure cut by the band keeps its label on the visible side, so the model
+    cannot name a structure by counting from the edge of the image (the first whole vertebra
+    below the top edge is L1 in one scan, T12 in the next) and must use the anatomy itself.
+    """
+    b, _, h, w = x.shape
+    device = x.device
+    apply = torch.rand(b, device=device, generator=generator) < probability
+    edge = torch.randint(4, (b,), device=device, generator=generator)
+    depth = torch.rand(b, device=device, generator=generator) * max_fraction
+    rows = torch.arange(h, device=device, dtype=torch.float32)[None, :, None] / h
+    cols = torch.arange(w, device=device, dtype=torch.float32)[None, None, :] / w
+    d = depth[:, None, None]
+    e = edge[:, None, None]
+    cut = (((e == 0) & (rows < d)) | ((e == 1) & (rows >= 1 - d))
+           | ((e == 2) & (cols < d)) | ((e == 3) & (cols >= 1 - d))) & apply[:, None, None]
+    cut = cut[:, None]
+    x = x.masked_fill(cut, 0.0)
+    if y is not None:
+        y = y.masked_fill(cut, 0)
+    return x, y
+
+
 class OnTheFlySampler:
     """Random batches from base patches x N transforms, generated on the device each step."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,
                  level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
                  seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0,
-                 intensity: IntensityRanges | None = None, rank: int = 0):
+                 intensity: IntensityRanges | None = None, rank: int = 0,
+                 fov_cut: float = 0.0, fov_cut_max: float = 0.4):
         self.images, self.labels = images, labels
+        self.fov_cut, self.fov_cut_max = float(fov_cut), float(fov_cut_max)
         self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
         self.level, self.ranges, self.patch = int(level), ranges, patch
         self.batch_size, self.seed, self.padding = batch_size, seed, padding
@@ -260,7 +298,10 @@ class OnTheFlySampler:
         centres = self.centres[pick]
         grid = sampling_grid(centres[:, 1:], params, self.patch, self.images.shape[-1])
         x, y = sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
-        return augment_intensity(x, self.intensity, self.generator), y
+        x = augment_intensity(x, self.intensity, self.generator)
+        if self.fov_cut > 0:
+            x, y = cut_field_of_view(x, y, self.fov_cut, self.fov_cut_max, self.generator)
+        return x, y
 
 
 def write_offline_dataset(images: torch.Tensor, labels: torch.Tensor, centres: np.ndarray,

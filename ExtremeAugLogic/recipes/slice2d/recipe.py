@@ -29,7 +29,7 @@ DEFAULTS_2D = {
     "rotation_deg": 20.0,
     "scale": [0.8, 1.2],
     "translation_px": 25.0,      # px of the resampled slice: the paper's 50 px of 256 px
-    "padding": "zeros",          # grid_sample padding outside the slice: zeros | reflection
+    "padding": "zeros",          # outside the slice: zeros | reflection | reflection-background (augment.sample_patches)
     # Intensity augmentation (augment.IntensityRanges), chosen with the cross-scan protocol
     # (docs/results/generalisation-explore): with it, 3 training scans x 14 unseen scans went from
     # binary 0.698 / per-structure 0.372 to 0.775 / 0.656 at 2 minutes; gamma/contrast alone had
@@ -45,6 +45,8 @@ DEFAULTS_2D = {
     # 2.5D input (context_slices=1, 2 slices apart) 0.669: both stay off (generalisation-explore).
     "remap": 0.5,
     "random_conv": 0.0,          # probability of a random shallow-network blend (augment.random_convolution)
+    "fov_cut": 0.0,              # probability of ending a sample's field of view early at one edge
+    "fov_cut_max": 0.4,          # ... by up to this fraction of the patch (augment.cut_field_of_view)
     "objects": "ordered",        # after prediction: off | per-object | ordered (inference.labels_from_probabilities);
                                  # ordered: per-structure Dice 0.275 -> 0.372 on 42 unseen pairs, same models
     "unlabeled": "off",          # the worklist scans: off | self-training (training.trainer, pseudo-labels);
@@ -67,7 +69,7 @@ DEFAULTS_2D = {
 PAPER_2D = {**DEFAULTS_2D, "inplane_size": 256, "inplane_fit": "stretch", "sampling": "grid",
             "translation_px": 50.0, "base_features": 16, "max_features": 256, "objects": "off", "unlabeled": "off",
             "intensity": "match", "gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0,
-            "remap": 0.0, "random_conv": 0.0}
+            "remap": 0.0, "random_conv": 0.0, "fov_cut": 0.0}
 
 
 class Recipe2D(Recipe):
@@ -115,7 +117,8 @@ class Recipe2D(Recipe):
         return augment.OnTheFlySampler(
             torch.from_numpy(images).to(device), torch.from_numpy(labels)[:, None].to(device),
             centres, s["level"], augment.AugmentationRanges.from_settings(s), s["patch_size"],
-            s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s), rank=rank)
+            s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s), rank=rank,
+            fov_cut=float(s.get("fov_cut", 0.0)), fov_cut_max=float(s.get("fov_cut_max", 0.4)))
 
     def training_slices(self, config: dict, cases: list[CaseData], seed: int):
         """All cases' slices (S, C, H, W: C = 1 + 2 * context_slices) stacked, labels (S, H, W),
