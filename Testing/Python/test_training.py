@@ -24,6 +24,7 @@ from ExtremeAugLogic.workspace import Workspace
 # A small but real configuration of the 2D model so the suite stays fast on 2 CPU cores.
 SMALL = {"inplane_size": 128, "patch_size": 64, "stride": 32, "base_features": 8, "depth": 4,
          "max_features": 64, "batch_size": 8, "learning_rate": 3e-3}
+TRAIN_ITERATIONS = 200
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -48,7 +49,9 @@ def trained(tmp_path_factory):
     for img, lab in files[:3]:
         ws.add_case(img, lab)
     torch.manual_seed(0)
-    result = train(TrainRequest(str(ws.path), iterations=120, settings=SMALL, progress_bar=False))
+    # 200 iterations: with today's intensity augmentation 120 left this phantom at Dice 0.49,
+    # 200 reach 0.76 (about 1.5 s more), so the 0.5 floor below has a margin.
+    result = train(TrainRequest(str(ws.path), iterations=TRAIN_ITERATIONS, settings=SMALL, progress_bar=False))
     return ws, files, result
 
 
@@ -56,7 +59,7 @@ def test_training_finishes_with_a_validated_best_model(trained):
     ws, _, result = trained
     assert result["phase"] == "done" and result["is_best"]
     status = read_status(ws.status_path)
-    assert status["phase"] == "done" and status["iteration"] == 120 and status["val_dice"] is not None
+    assert status["phase"] == "done" and status["iteration"] == TRAIN_ITERATIONS and status["val_dice"] is not None
     record = ws.version(result["version"])
     assert record["cases_seen"] == [c["id"] for c in ws.training_cases()]
     assert record["val_scores"]["cases"] == [c["id"] for c in ws.validation_cases()]
