@@ -13,6 +13,7 @@ from ExtremeAugLogic.demo import phantom
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.inference import labels_from_probabilities
 from ExtremeAugLogic.recipes.slice2d import augment
+from ExtremeAugLogic.recipes.slice2d.recipe import _cut_edges
 from ExtremeAugLogic.training import TrainRequest, train
 from ExtremeAugLogic.workspace import Workspace
 from ExtremeAugLogic.workspace.imageio import read_label, write_image
@@ -72,14 +73,15 @@ def test_random_convolution_keeps_each_sample_mean_and_changes_texture():
     assert augment.random_convolution(three, 1.0, torch.Generator().manual_seed(0)).shape == three.shape
 
 
-def test_field_of_view_cut_blanks_one_edge_band_in_image_and_label_alike():
+def _cut_edges_seen(edges=(0, 1, 2, 3)):
+    """Cut 64 samples with probability 1; check each cut, return the set of edges used."""
     x = torch.rand((64, 3, 20, 20)) + 1.0  # no zero before the cut
     y = torch.randint(1, 4, (64, 1, 20, 20))
-    cx, cy = augment.cut_field_of_view(x, y, 1.0, 0.5, torch.Generator().manual_seed(0))
+    cx, cy = augment.cut_field_of_view(x, y, 1.0, 0.5, torch.Generator().manual_seed(0), edges)
     blank_x, blank_y = (cx == 0).all(dim=1), (cy == 0)[:, 0]
     assert torch.equal(blank_x, blank_y)  # the label loses exactly what the image loses
     assert torch.equal(cx[~(cx == 0)], x[~(cx == 0)]) and torch.equal(cy[cy > 0], y[cy > 0])
-    edges = set()
+    seen = set()
     for band in blank_x:
         rows, cols = band.all(dim=1), band.all(dim=0)
         depth = int(band.sum()) // 20
@@ -90,10 +92,27 @@ def test_field_of_view_cut_blanks_one_edge_band_in_image_and_label_alike():
             edge = ("top" if rows[:depth].all() else "bottom" if rows[-depth:].all()
                     else "left" if cols[:depth].all() else "right")
             assert edge != "right" or cols[-depth:].all()
-            edges.add(edge)
-    assert edges == {"top", "bottom", "left", "right"}
-    kept_x, kept_y = augment.cut_field_of_view(x, y, 0.0, 0.5, torch.Generator().manual_seed(0))
+            seen.add(edge)
+    kept_x, kept_y = augment.cut_field_of_view(x, y, 0.0, 0.5, torch.Generator().manual_seed(0), edges)
     assert torch.equal(kept_x, x) and torch.equal(kept_y, y)  # probability 0: untouched
+    return seen
+
+
+def test_field_of_view_cut_blanks_one_edge_band_in_image_and_label_alike():
+    assert _cut_edges_seen() == {"top", "bottom", "left", "right"}
+    assert _cut_edges_seen((0, 1)) == {"top", "bottom"}
+
+
+def test_field_of_view_cuts_follow_the_structure_order_axis():
+    stack = np.zeros((6, 40, 40), np.int64)
+    for level in (1, 2, 3):  # three structures one above the other: ordered along the rows
+        stack[:, 10 * level - 5:10 * level + 2, 12:28] = level
+    assert _cut_edges("order", stack) == (0, 1)
+    assert _cut_edges("order", stack.transpose(0, 2, 1)) == (2, 3)  # ordered along the columns
+    assert _cut_edges("order", (stack > 0).astype(np.int64)) == (0, 1, 2, 3)  # one structure: no order
+    assert _cut_edges("any", stack) == (0, 1, 2, 3)
+    with pytest.raises(InputError, match="fov_cut_edges"):
+        _cut_edges("sides", stack)
 
 
 def test_foreground_is_decided_before_the_structure():

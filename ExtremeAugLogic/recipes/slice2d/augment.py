@@ -237,10 +237,11 @@ def random_convolution(x: torch.Tensor, probability: float, generator: torch.Gen
 
 
 def cut_field_of_view(x: torch.Tensor, y: torch.Tensor | None, probability: float, max_fraction: float,
-                      generator: torch.Generator | None = None):
+                      generator: torch.Generator | None = None, edges: tuple[int, ...] = (0, 1, 2, 3)):
     """With ``probability`` per sample, end the field of view early at one random edge.
 
-    A band of up to ``max_fraction`` of the patch along one of its four edges becomes 0 in the
+    ``edges`` are the candidates: 0 top rows, 1 bottom rows, 2 left columns, 3 right columns.
+    A band of up to ``max_fraction`` of the patch along one of them becomes 0 in the
     image and background in the label, as if the scan had been acquired with a smaller field of
     view there. A structure cut by the band keeps its label on the visible side, so the model
     cannot name a structure by counting from the edge of the image (the first whole vertebra
@@ -249,7 +250,8 @@ def cut_field_of_view(x: torch.Tensor, y: torch.Tensor | None, probability: floa
     b, _, h, w = x.shape
     device = x.device
     apply = torch.rand(b, device=device, generator=generator) < probability
-    edge = torch.randint(4, (b,), device=device, generator=generator)
+    choices = torch.as_tensor(edges, device=device)
+    edge = choices[torch.randint(len(choices), (b,), device=device, generator=generator)]
     depth = torch.rand(b, device=device, generator=generator) * max_fraction
     rows = torch.arange(h, device=device, dtype=torch.float32)[None, :, None] / h
     cols = torch.arange(w, device=device, dtype=torch.float32)[None, None, :] / w
@@ -271,9 +273,9 @@ class OnTheFlySampler:
                  level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
                  seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0,
                  intensity: IntensityRanges | None = None, rank: int = 0,
-                 fov_cut: float = 0.0, fov_cut_max: float = 0.4):
+                 fov_cut: float = 0.0, fov_cut_max: float = 0.4, fov_cut_edges: tuple[int, ...] = (0, 1, 2, 3)):
         self.images, self.labels = images, labels
-        self.fov_cut, self.fov_cut_max = float(fov_cut), float(fov_cut_max)
+        self.fov_cut, self.fov_cut_max, self.fov_cut_edges = float(fov_cut), float(fov_cut_max), tuple(fov_cut_edges)
         self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
         self.level, self.ranges, self.patch = int(level), ranges, patch
         self.batch_size, self.seed, self.padding = batch_size, seed, padding
@@ -300,7 +302,7 @@ class OnTheFlySampler:
         x, y = sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
         x = augment_intensity(x, self.intensity, self.generator)
         if self.fov_cut > 0:
-            x, y = cut_field_of_view(x, y, self.fov_cut, self.fov_cut_max, self.generator)
+            x, y = cut_field_of_view(x, y, self.fov_cut, self.fov_cut_max, self.generator, self.fov_cut_edges)
         return x, y
 
 

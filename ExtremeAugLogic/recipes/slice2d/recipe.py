@@ -47,6 +47,7 @@ DEFAULTS_2D = {
     "random_conv": 0.0,          # probability of a random shallow-network blend (augment.random_convolution)
     "fov_cut": 0.0,              # probability of ending a sample's field of view early at one edge
     "fov_cut_max": 0.4,          # ... by up to this fraction of the patch (augment.cut_field_of_view)
+    "fov_cut_edges": "any",      # any: all four edges | order: the two ends of the axis the structures are ordered along
     "objects": "ordered",        # after prediction: off | per-object | ordered (inference.labels_from_probabilities);
                                  # ordered: per-structure Dice 0.275 -> 0.372 on 42 unseen pairs, same models
     "unlabeled": "off",          # the worklist scans: off | self-training (training.trainer, pseudo-labels);
@@ -70,6 +71,24 @@ PAPER_2D = {**DEFAULTS_2D, "inplane_size": 256, "inplane_fit": "stretch", "sampl
             "translation_px": 50.0, "base_features": 16, "max_features": 256, "objects": "off", "unlabeled": "off",
             "intensity": "match", "gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0,
             "remap": 0.0, "random_conv": 0.0, "fov_cut": 0.0}
+
+
+def _cut_edges(rule: str, labels: np.ndarray) -> tuple[int, ...]:
+    """The patch edges a field-of-view cut may take (augment.cut_field_of_view's numbering).
+
+    "any": all four. "order": the two ends of the in-slice axis along which the training slices
+    show their structures in order (rows: top and bottom; columns: left and right), so a cut
+    removes the first or last structures of the chain and the model cannot name a level by
+    counting from the image edge; all four when the order lies across slices or is absent.
+    """
+    if rule == "any":
+        return (0, 1, 2, 3)
+    if rule != "order":
+        raise InputError(f"fov_cut_edges must be 'any' or 'order', not {rule!r}")
+    from ExtremeAugLogic.inference.structure_order import detect_structure_order  # inference imports recipes
+    order = detect_structure_order([labels])
+    axis = order["axis"] if order else None
+    return {1: (0, 1), 2: (2, 3)}.get(axis, (0, 1, 2, 3))
 
 
 class Recipe2D(Recipe):
@@ -118,7 +137,8 @@ class Recipe2D(Recipe):
             torch.from_numpy(images).to(device), torch.from_numpy(labels)[:, None].to(device),
             centres, s["level"], augment.AugmentationRanges.from_settings(s), s["patch_size"],
             s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s), rank=rank,
-            fov_cut=float(s.get("fov_cut", 0.0)), fov_cut_max=float(s.get("fov_cut_max", 0.4)))
+            fov_cut=float(s.get("fov_cut", 0.0)), fov_cut_max=float(s.get("fov_cut_max", 0.4)),
+            fov_cut_edges=_cut_edges(s.get("fov_cut_edges", "any"), labels))
 
     def training_slices(self, config: dict, cases: list[CaseData], seed: int):
         """All cases' slices (S, C, H, W: C = 1 + 2 * context_slices) stacked, labels (S, H, W),
