@@ -73,7 +73,7 @@ def load_model(workspace, version: str | None, device: str):
     return recipe, config, model.to(device).eval(), name
 
 
-OBJECT_RULES = ("off", "per-object", "ordered")
+OBJECT_RULES = ("off", "per-object", "ordered", "ordered-largest")
 
 
 def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: str | None = None,
@@ -83,7 +83,10 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     ``objects`` (default: the model's ``objects`` setting, else "off"): "off" is the voxel-wise
     argmax; "per-object" gives each connected 3D object one structure label; "ordered" also
     keeps the structures in the anatomical order the training labels showed (the config's
-    ``structure_order``; per object alone when the labels showed none). Specks are removed last.
+    ``structure_order``; per object alone when the labels showed none), the chain of structures
+    aligned with the labels among all large objects; "ordered-largest" is the earlier ordered
+    rule, whose chain is the largest objects (``structure_order.assign_structures``, ``chain``).
+    Specks are removed last.
     """
     objects = objects or config["settings"].get("objects", "off")
     if objects not in OBJECT_RULES:
@@ -91,8 +94,9 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     if objects == "off":
         labels = np.argmax(probabilities, axis=0).astype(np.uint8)
     else:
-        order = config.get("structure_order") if objects == "ordered" else None
-        labels = assign_structures(probabilities, order)
+        order = config.get("structure_order") if objects.startswith("ordered") else None
+        chain = "largest" if objects == "ordered-largest" else "aligned"
+        labels = assign_structures(probabilities, order, chain=chain)
     return remove_specks(labels, min_component_fraction)
 
 

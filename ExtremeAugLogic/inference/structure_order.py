@@ -264,6 +264,34 @@ def _increasing_assignment(scores: np.ndarray) -> list[int]:
     return columns[::-1]
 
 
+def _aligned_assignment(scores: np.ndarray) -> list[int]:
+    """Column per row, increasing, maximising the total score; a row may stay out (-1).
+
+    The monotone alignment of rows (parts, in order) with columns (labels, in order): each
+    column is used at most once, a row takes no column or one beyond its predecessors', and
+    columns may stay unused. On equal totals a row stays out rather than take a column worth 0.
+    """
+    n_rows, n_columns = scores.shape
+    total = np.zeros((n_rows + 1, n_columns + 1))
+    move = np.zeros((n_rows + 1, n_columns + 1), dtype=np.int8)  # 0 row out, 1 column unused, 2 match
+    for row in range(1, n_rows + 1):
+        for column in range(1, n_columns + 1):
+            options = (total[row - 1, column], total[row, column - 1],
+                       total[row - 1, column - 1] + scores[row - 1, column - 1])
+            move[row, column] = int(np.argmax(options))
+            total[row, column] = options[move[row, column]]
+    columns, row, column = [-1] * n_rows, n_rows, n_columns
+    while row > 0 and column > 0:
+        step = move[row, column]
+        if step == 2:
+            columns[row - 1] = column - 1
+        if step != 1:
+            row -= 1
+        if step != 0:
+            column -= 1
+    return columns
+
+
 def _fragment_positions(fragments, structures, structure_positions, first, last, sizes, sums,
                         sequence):
     """Position in ``sequence`` of each fragment: joined, free label, or nearer neighbour."""
@@ -291,7 +319,7 @@ def _fragment_positions(fragments, structures, structure_positions, first, last,
                     np.where(free_first <= free_last, free_choice, nearer))
 
 
-def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction) -> None:
+def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain="aligned") -> None:
     """Relabel, in place in ``part_label``, the parts whose label is in ``order`` (see rule)."""
     n_ids, n_channels = len(sizes) - 1, sums.shape[1]
     sequence = []
@@ -315,9 +343,18 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction) -> Non
         centroid = np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=n_ids + 1) / sizes
 
     large = ordered[sizes[ordered] >= fragment_fraction * sizes[ordered].max()]
-    large = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]  # surplus: fragments
-    structures = large[np.argsort(centroid[large], kind="stable")]
-    structure_positions = np.array(_increasing_assignment(sums[np.ix_(structures, sequence)]))
+    if chain not in ("aligned", "largest"):
+        raise ValueError(f"chain {chain!r}: must be 'aligned' or 'largest'")
+    structures = None
+    if chain == "aligned" and len(large) > len(sequence):  # more large parts than labels
+        large = large[np.argsort(centroid[large], kind="stable")]
+        positions = np.array(_aligned_assignment(sums[np.ix_(large, sequence)]))
+        if (positions >= 0).any():
+            structures, structure_positions = large[positions >= 0], positions[positions >= 0]
+    if structures is None:  # the largest parts, as many as labels (all when they are not more)
+        large = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]  # surplus: fragments
+        structures = large[np.argsort(centroid[large], kind="stable")]
+        structure_positions = np.array(_increasing_assignment(sums[np.ix_(structures, sequence)]))
     part_label[structures] = sequence[structure_positions]
 
     fragments = np.setdiff1d(ordered, structures)
@@ -329,7 +366,7 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction) -> Non
 
 def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_voxels: int = 0, *,
                       span_ratio: float = SPAN_RATIO, span_min_part: float = SPAN_MIN_PART,
-                      fragment_fraction: float = FRAGMENT_FRACTION) -> np.ndarray:
+                      fragment_fraction: float = FRAGMENT_FRACTION, chain: str = "aligned") -> np.ndarray:
     """uint8 label map (z, y, x) with one structure label per 3D object.
 
     ``probabilities``: (K+1, z, y, x), channel 0 background. Steps:
@@ -347,12 +384,16 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
        voxels.
     4. With ``order`` (from ``detect_structure_order``; only "axis" and "labels" are read),
        parts whose label from step 3 is in ``order["labels"]`` are relabelled (the others keep
-       it). Structures (parts of at least ``fragment_fraction``
-       of the largest such part, at most as many as labels, the largest kept) are sorted by
-       centroid along ``order["axis"]`` and take strictly increasing positions in
-       ``order["labels"]`` maximising the total SUMMED PROBABILITY (not log-probability, which
-       a few near-zero voxels would dominate), by dynamic programming over (part, label): a
-       label may stay unused (missing level), no two structures share one. Smaller fragments
+       it). Large parts (at least ``fragment_fraction`` of the largest such part) are sorted by
+       centroid along ``order["axis"]``. With ``chain="aligned"`` (the default) they are aligned
+       with ``order["labels"]`` in order, by dynamic programming, maximising the total SUMMED
+       PROBABILITY of each part for its label (not log-probability, which a few near-zero voxels
+       would dominate): a label may stay unused (missing level), no two parts share one, and a
+       large part may stay out of the chain (an extra vertebra beyond the labelled ones, or one
+       half of a split) and is then handled as a fragment; this only when there are more large
+       parts than labels, otherwise every large part takes one. ``chain="largest"`` (the rule before
+       2026-11-27) first keeps the largest parts, as many as labels, and gives each one a label
+       the same way; the others become fragments. Fragments
        are not forced into the sequence: one whose extent along the axis overlaps a
        structure's joins (takes the label of) the structure it overlaps most; otherwise it takes
        its most probable label among those free between its neighbouring structures' labels,
@@ -385,5 +426,5 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
     part_label[sizes <= 0] = 0
     part_label[0] = 0
     if order is not None:
-        _order_labels(part_label, ids, sizes, sums, order, fragment_fraction)
+        _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain)
     return part_label.astype(np.uint8)[ids]
