@@ -346,14 +346,15 @@ def render(results: dict, command: str, png: Path | None) -> str:
 
 def _objects_rules(runs: dict) -> list[str]:
     """Ours, the same models and probabilities, with each rule that turns probabilities into labels."""
-    rules = [r for r in ("off", "per-object", "ordered-largest", "ordered") if all(r in run.get("scores_by_objects_rule", {})
+    rules = [r for r in ("off", "per-object", "ordered", "ordered-aligned", "ordered-largest") if all(r in run.get("scores_by_objects_rule", {})
                                                                    for run in runs.values())]
     if not runs or not rules:
         return []
     lines = ["", "## Structure labels per object (ours, same models, same probabilities)", "",
              "off = voxel-wise argmax; per-object = one label per connected 3D object; ordered = per object and in the "
-             "anatomical order the training label showed, its chain aligned among all large objects; ordered-largest = "
-             "the earlier ordered rule, its chain the largest objects. The gap binary - per-structure measures level errors.", "",
+             "anatomical order the training label showed, its chain the largest objects; ordered-aligned = the same, "
+             "its chain chosen among all large objects (in reports of 2026-11-27 04:00-04:40, ordered was the aligned "
+             "rule and ordered-largest today's ordered). The gap binary - per-structure measures level errors.", "",
              "| rule | mean binary Dice | mean per-structure Dice | gap | worst pair per-structure |", "|---|---|---|---|---|"]
     for rule in rules:
         pairs = [(tc, vc, s) for tc, run in runs.items() for vc, s in run["scores_by_objects_rule"][rule].items()]

@@ -73,7 +73,7 @@ def load_model(workspace, version: str | None, device: str):
     return recipe, config, model.to(device).eval(), name
 
 
-OBJECT_RULES = ("off", "per-object", "ordered", "ordered-largest")
+OBJECT_RULES = ("off", "per-object", "ordered", "ordered-aligned")
 
 
 def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: str | None = None,
@@ -83,9 +83,10 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     ``objects`` (default: the model's ``objects`` setting, else "off"): "off" is the voxel-wise
     argmax; "per-object" gives each connected 3D object one structure label; "ordered" also
     keeps the structures in the anatomical order the training labels showed (the config's
-    ``structure_order``; per object alone when the labels showed none), the chain of structures
-    aligned with the labels among all large objects; "ordered-largest" is the earlier ordered
-    rule, whose chain is the largest objects (``structure_order.assign_structures``, ``chain``).
+    ``structure_order``; per object alone when the labels showed none), its chain of levels the
+    largest objects; "ordered-aligned" chooses the chain among all large objects instead (opt-in:
+    not better across training scans, docs/results/generalisation-explore; ``chain`` of
+    ``structure_order.assign_structures``).
     Specks are removed last.
     """
     objects = objects or config["settings"].get("objects", "off")
@@ -95,7 +96,7 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
         labels = np.argmax(probabilities, axis=0).astype(np.uint8)
     else:
         order = config.get("structure_order") if objects.startswith("ordered") else None
-        chain = "largest" if objects == "ordered-largest" else "aligned"
+        chain = "aligned" if objects == "ordered-aligned" else "largest"
         labels = assign_structures(probabilities, order, chain=chain)
     return remove_specks(labels, min_component_fraction)
 

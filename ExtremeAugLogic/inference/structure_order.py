@@ -319,7 +319,7 @@ def _fragment_positions(fragments, structures, structure_positions, first, last,
                     np.where(free_first <= free_last, free_choice, nearer))
 
 
-def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain="aligned") -> None:
+def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain="largest") -> None:
     """Relabel, in place in ``part_label``, the parts whose label is in ``order`` (see rule)."""
     n_ids, n_channels = len(sizes) - 1, sums.shape[1]
     sequence = []
@@ -366,7 +366,7 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
 
 def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_voxels: int = 0, *,
                       span_ratio: float = SPAN_RATIO, span_min_part: float = SPAN_MIN_PART,
-                      fragment_fraction: float = FRAGMENT_FRACTION, chain: str = "aligned") -> np.ndarray:
+                      fragment_fraction: float = FRAGMENT_FRACTION, chain: str = "largest") -> np.ndarray:
     """uint8 label map (z, y, x) with one structure label per 3D object.
 
     ``probabilities``: (K+1, z, y, x), channel 0 background. Steps:
@@ -385,15 +385,15 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
     4. With ``order`` (from ``detect_structure_order``; only "axis" and "labels" are read),
        parts whose label from step 3 is in ``order["labels"]`` are relabelled (the others keep
        it). Large parts (at least ``fragment_fraction`` of the largest such part) are sorted by
-       centroid along ``order["axis"]``. With ``chain="aligned"`` (the default) they are aligned
-       with ``order["labels"]`` in order, by dynamic programming, maximising the total SUMMED
-       PROBABILITY of each part for its label (not log-probability, which a few near-zero voxels
-       would dominate): a label may stay unused (missing level), no two parts share one, and a
-       large part may stay out of the chain (an extra vertebra beyond the labelled ones, or one
-       half of a split) and is then handled as a fragment; this only when there are more large
-       parts than labels, otherwise every large part takes one. ``chain="largest"`` (the rule before
-       2026-11-27) first keeps the largest parts, as many as labels, and gives each one a label
-       the same way; the others become fragments. Fragments
+       centroid along ``order["axis"]``. With ``chain="largest"`` (the default) the largest parts,
+       as many as labels, form the chain and take strictly increasing positions in
+       ``order["labels"]`` maximising the total SUMMED PROBABILITY of each part for its label
+       (not log-probability, which a few near-zero voxels would dominate), by dynamic
+       programming over (part, label): a label may stay unused (missing level), no two parts
+       share one; the other parts become fragments. With ``chain="aligned"``, when there are
+       more large parts than labels, all of them are aligned with the labels in order by the
+       same objective, and a large part may stay out of the chain (an extra vertebra beyond the
+       labelled ones, or one half of a split) as a fragment. Fragments
        are not forced into the sequence: one whose extent along the axis overlaps a
        structure's joins (takes the label of) the structure it overlaps most; otherwise it takes
        its most probable label among those free between its neighbouring structures' labels,

@@ -243,7 +243,7 @@ def test_probabilities_must_be_channels_first_3d(bad):
 
 def test_an_extra_structure_beyond_the_chain_does_not_shift_the_levels():
     """Six objects for five levels (a thoracic vertebra above L1 that the model calls L1, L3 the
-    smallest): the aligned chain keeps L1..L5 and lets the extra one join L1; the earlier rule
+    smallest): the aligned chain keeps L1..L5 and lets the extra one join L1; the default chain
     (the five largest objects) drops L3 and shifts L1..L2 down by one level."""
     labels = np.zeros((52, 16, 16), np.uint8)
     extents = {0: (1, 7), 1: (9, 15), 2: (17, 23), 3: (25, 29), 4: (31, 37), 5: (39, 45)}
@@ -253,10 +253,10 @@ def test_an_extra_structure_beyond_the_chain_does_not_shift_the_levels():
     extra = np.s_[extents[0][0]:extents[0][1], 3:13, 3:13]
     set_probabilities(probabilities, extra, {1: 0.6, 0: 0.4})
     levels = labels > 0
-    aligned = assign_structures(probabilities, ORDER)
+    aligned = assign_structures(probabilities, ORDER, chain="aligned")
     assert np.array_equal(aligned[levels], labels[levels])
     assert np.all(aligned[extra] == 1)
-    largest = assign_structures(probabilities, ORDER, chain="largest")
+    largest = assign_structures(probabilities, ORDER)  # the default chain
     assert np.all(largest[extra] == 1) and np.all(largest[9:15, 3:13, 3:13] == 2)
     with pytest.raises(ValueError, match="chain"):
         assign_structures(probabilities, ORDER, chain="longest")
@@ -266,8 +266,8 @@ def test_the_command_line_offers_every_labelling_rule():
     from ExtremeAugLogic.cli import build_parser
     from ExtremeAugLogic.inference import OBJECT_RULES
     args = build_parser().parse_args(["predict", "ws", "--image", "a.nii.gz", "--output", "b.nii.gz",
-                                      "--objects", "ordered-largest"])
-    assert args.objects == "ordered-largest"
+                                      "--objects", "ordered-aligned"])
+    assert args.objects == "ordered-aligned"
     predict = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
                    if a.dest == "objects")
     assert tuple(predict.choices) == OBJECT_RULES
