@@ -343,8 +343,6 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
         centroid = np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=n_ids + 1) / sizes
 
     large = ordered[sizes[ordered] >= fragment_fraction * sizes[ordered].max()]
-    if chain not in ("aligned", "largest"):
-        raise ValueError(f"chain {chain!r}: must be 'aligned' or 'largest'")
     structures = None
     if chain == "aligned" and len(large) > len(sequence):  # more large parts than labels
         large = large[np.argsort(centroid[large], kind="stable")]
@@ -399,6 +397,8 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
        its most probable label among those free between its neighbouring structures' labels,
        or, when none is free, joins the nearer neighbour. Fragments may thus share a label.
     """
+    if chain not in ("aligned", "largest"):
+        raise ValueError(f"chain {chain!r}: must be 'aligned' or 'largest'")
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 4:
         raise ValueError(f"probabilities must be (channels, z, y, x), got shape {probabilities.shape}")
