@@ -59,6 +59,11 @@ BASE_INTENSITY = {
     NUCLEUS: 165.0, ANNULUS: 118.0, CSF: 185.0, CORD: 75.0, VESSEL: 25.0,
     BOWEL_BRIGHT: 95.0, BOWEL_DARK: 15.0, SKIN: 90.0, LIGAMENT: 38.0, DARK_DISC: 75.0,
 }
+# A T1-weighted-like contrast (``contrast="t1"``): fatty marrow bright, CSF and discs dark; the
+# other tissues keep their T2-like means. Scans of another sequence than the delineated one.
+T1_INTENSITY = {**BASE_INTENSITY, CSF: 40.0, NUCLEUS: 70.0, ANNULUS: 60.0, MARROW: 150.0,
+                POSTERIOR_BONE: 140.0, CORD: 90.0}
+CONTRASTS = {"t2": BASE_INTENSITY, "t1": T1_INTENSITY}
 CORTEX_FACTOR = 0.45  # cortical bone rim: this fraction of the marrow intensity
 BONE = (MARROW, POSTERIOR_BONE)
 
@@ -94,19 +99,24 @@ def phantom_names(structures: str = "vertebrae") -> dict[int, str]:
 def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
                  spacing: Sequence[float] = DEFAULT_SPACING, structures: str = "vertebrae",
                  direction: Optional[Sequence[float]] = None,
-                 origin: Optional[Sequence[float]] = None) -> tuple[sitk.Image, sitk.Image]:
+                 origin: Optional[Sequence[float]] = None,
+                 contrast: str = "t2") -> tuple[sitk.Image, sitk.Image]:
     """Make one phantom: ``(image float32, label uint8)`` on the same grid.
 
     ``shape`` and ``spacing`` are in numpy order (SI, AP, LR). ``direction`` is the
     SimpleITK 3x3 direction (row-major, 9 values; default diag(1, 1, -1) like the shared
     scans); ``origin`` is in SimpleITK (x, y, z) order, default: the centre of the image
-    at physical (0, 0, 0). The same arguments always give the same phantom.
+    at physical (0, 0, 0). ``contrast`` is ``"t2"`` (water bright, the default) or ``"t1"``
+    (marrow bright, CSF and discs dark); a seed gives the same anatomy in both. The same
+    arguments always give the same phantom.
     """
     shape, spacing = _check_grid(shape, spacing)
     _check_structures(structures)
+    if contrast not in CONTRASTS:
+        raise InputError(f"contrast: must be one of {', '.join(CONTRASTS)}, not {contrast!r}")
     direction, origin = _check_geometry(direction, origin)
     rng = np.random.default_rng(seed)
-    subject = _random_subject(rng, shape, spacing)
+    subject = _random_subject(rng, shape, spacing, CONTRASTS[contrast])
     canvas = _Canvas(shape, spacing, subject.rotation, subject.shift)
     tissue, label = _paint_anatomy(canvas, subject, structures, rng)
     image = _render(tissue, canvas, subject, rng)
@@ -194,7 +204,7 @@ class _Subject:
     dark_discs: set  # names of degenerated (dark) discs
 
 
-def _random_subject(rng: np.random.Generator, shape, spacing) -> _Subject:
+def _random_subject(rng: np.random.Generator, shape, spacing, base_intensity: dict) -> _Subject:
     """Draw pose, size, curvature and contrast of one subject."""
     fov = np.array(shape) * np.array(spacing)
     scale = COLUMN_FRACTION * fov[0] / NOMINAL_COLUMN * rng.uniform(0.92, 1.06)
@@ -218,7 +228,7 @@ def _random_subject(rng: np.random.Generator, shape, spacing) -> _Subject:
         skin_depth=100.0 * scale * rng.uniform(0.88, 1.1),
         fat_thickness=scale * rng.uniform(6.0, 20.0),
         canal=(7.5 * scale * rng.uniform(0.85, 1.15), 11.0 * scale * rng.uniform(0.9, 1.1)),
-        intensity={t: v * rng.uniform(0.85, 1.15) for t, v in BASE_INTENSITY.items()},
+        intensity={t: v * rng.uniform(0.85, 1.15) for t, v in base_intensity.items()},
         noise=rng.uniform(0.02, 0.06),
         dark_discs={name for name in ("L3-L4", "L4-L5", "L5-S1") if rng.random() < 0.2},
     )

@@ -84,6 +84,15 @@ def test_discs_brighter_than_bodies_on_average():
     assert arr[(lab >= 6)].mean() > arr[(lab >= 1) & (lab <= 5)].mean()
 
 
+def test_t1_contrast_keeps_the_anatomy_and_turns_the_discs_dark():
+    t2, label_t2 = make_phantom(11, structures="both", **SMALL)
+    t1, label_t1 = make_phantom(11, structures="both", contrast="t1", **SMALL)
+    lab = sitk.GetArrayFromImage(label_t1)
+    assert np.array_equal(lab, sitk.GetArrayFromImage(label_t2))
+    arr = sitk.GetArrayFromImage(t1)
+    assert arr[lab >= 6].mean() < arr[(lab >= 1) & (lab <= 5)].mean()  # discs darker than bodies in T1
+
+
 def test_custom_geometry():
     direction = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     image, label = make_phantom(2, direction=direction, origin=(10.0, -20.0, 30.5), **SMALL)
@@ -102,7 +111,7 @@ def test_names():
 @pytest.mark.parametrize("kwargs", [dict(structures="ribs"), dict(shape=(8, 64, 64)),
                                     dict(spacing=(1.0, -1.0, 1.0)),
                                     dict(direction=(1, 0, 0, 0, 2, 0, 0, 0, 1)),
-                                    dict(origin=(0.0, 1.0))])
+                                    dict(origin=(0.0, 1.0)), dict(contrast="flair")])
 def test_bad_arguments(kwargs):
     with pytest.raises(InputError):
         make_phantom(0, **kwargs)
