@@ -1,4 +1,4 @@
-"""A short real training on the phantom, prediction geometry, SIGTERM stop and resume."""
+"""A short real training on the phantom, prediction geometry, SIGTERM stop and resume, self-training."""
 
 import csv
 import json
@@ -28,10 +28,10 @@ TRAIN_ITERATIONS = 200
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _phantom_files(folder, seeds, shape=(64, 64, 24)):
+def _phantom_files(folder, seeds, shape=(64, 64, 24), contrast="t2"):
     paths = []
     for seed in seeds:
-        image, label = phantom.make_phantom(seed, shape=shape, spacing=(3.0, 3.0, 3.0))
+        image, label = phantom.make_phantom(seed, shape=shape, spacing=(3.0, 3.0, 3.0), contrast=contrast)
         binary = sitk.Cast(label > 0, sitk.sitkUInt8)  # all vertebrae as one structure
         img_path, lab_path = folder / f"p{seed}_image.nii.gz", folder / f"p{seed}_label.nii.gz"
         write_image(image, img_path)
@@ -179,3 +179,33 @@ def test_3d_model_trains_and_predicts_through_the_cli(tmp_path):
     prediction, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(files[1][0]))
     assert prediction.GetSize() == image.GetSize()
     assert np.allclose(prediction.GetDirection(), image.GetDirection())
+
+
+def test_self_training_on_unlabeled_scans_raises_dice_on_held_back_scans(tmp_path):
+    """One delineated T2-like phantom; the worklist and the held-back phantoms are T1-like.
+
+    With the default self-training the worklist teaches the model the other contrast: on this
+    set, 800 iterations, Dice on three held-back T1 phantoms 0.34 -> 0.82 (seed 0; 0.46 -> 0.75
+    with seed 1). Without a contrast shift self-training costs a little (0.875 -> 0.855); see
+    docs/results/generalisation-explore/README.md.
+    """
+    delineated = _phantom_files(tmp_path, [11])[0]
+    worklist = _phantom_files(tmp_path, [40, 41, 42, 43], contrast="t1")
+    held_back = _phantom_files(tmp_path, [60, 61, 62], contrast="t1")
+    dice = {}
+    for unlabeled in (False, True):  # SMALL leaves unlabeled at the default, self-training
+        ws = Workspace.create(tmp_path / f"ws-unlabeled-{unlabeled}", structure_names={1: "vertebra"})
+        ws.add_case(*delineated, case_id="delineated", split="train")
+        for image_path, _ in worklist:
+            ws.add_to_worklist(image_path)
+        torch.manual_seed(0)
+        result = train(TrainRequest(str(ws.path), iterations=800, settings=SMALL, progress_bar=False,
+                                    unlabeled=unlabeled, seed=0))
+        if unlabeled:
+            assert len(ws.version(result["version"])["pseudo_labels"]["used"]) >= 2
+        recipe, config, model, _ = load_model(ws, None, "cpu")
+        scores = [dice_scores(predict_array(recipe, config, model, sitk.ReadImage(str(image), sitk.sitkFloat32), "cpu"),
+                              read_label(label))["binary_dice"] for image, label in held_back]
+        dice[unlabeled] = sum(scores) / len(scores)
+    assert dice[True] > dice[False] + 0.15, dice
+    assert dice[True] > 0.65, dice

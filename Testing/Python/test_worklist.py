@@ -156,63 +156,6 @@ def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
     assert record["cases_seen"] == ["labelled"] and ws.case("w1")["split"] == "worklist"  # pseudo-labels stay in memory
 
 
-def _phantom_pair(seed, contrast):
-    import SimpleITK as sitk
-    from ExtremeAugLogic.demo import phantom
-
-    image, label = phantom.make_phantom(seed, shape=(64, 64, 24), spacing=(3.0, 3.0, 3.0), contrast=contrast)
-    return image, sitk.Cast(label > 0, sitk.sitkUInt8)  # all vertebrae as one structure
-
-
-def _held_back_dice(ws, seeds, contrast):
-    import SimpleITK as sitk
-    from ExtremeAugLogic.evaluation import dice_scores
-    from ExtremeAugLogic.inference import load_model, predict_array
-
-    recipe, config, model, _ = load_model(ws, None, "cpu")
-    scores = []
-    for seed in seeds:
-        image, label = _phantom_pair(seed, contrast)
-        prediction = predict_array(recipe, config, model, image, "cpu")
-        scores.append(dice_scores(prediction, sitk.GetArrayFromImage(label))["binary_dice"])
-    return sum(scores) / len(scores)
-
-
-def test_self_training_on_unlabeled_scans_raises_dice_on_held_back_scans(tmp_path):
-    """One delineated T2-like phantom; the worklist and the held-back phantoms are T1-like.
-
-    With the default self-training the worklist teaches the model the other contrast: on this
-    set, 800 iterations, Dice on three held-back T1 phantoms 0.34 -> 0.82 (seed 0; 0.46 -> 0.75
-    with seed 1). Without a contrast shift self-training costs a little (0.875 -> 0.855); see
-    docs/results/generalisation-explore/README.md.
-    """
-    import torch
-    from ExtremeAugLogic.training import TrainRequest, train
-
-    small = {"inplane_size": 128, "patch_size": 64, "stride": 32, "base_features": 8, "depth": 4,
-             "max_features": 64, "batch_size": 8, "learning_rate": 3e-3}  # unlabeled: the default
-    dice = {}
-    for unlabeled in (False, True):
-        root = tmp_path / f"unlabeled-{unlabeled}"
-        root.mkdir()
-        image, label = _phantom_pair(11, "t2")
-        write_image(image, root / "scan_image.nii.gz")
-        write_image(label, root / "scan_label.nii.gz")
-        ws = Workspace.create(root / "ws", structure_names={1: "vertebra"})
-        ws.add_case(root / "scan_image.nii.gz", root / "scan_label.nii.gz", case_id="delineated", split="train")
-        for seed in (40, 41, 42, 43):
-            write_image(_phantom_pair(seed, "t1")[0], root / f"w{seed}.nii.gz")
-            ws.add_to_worklist(root / f"w{seed}.nii.gz", case_id=f"w{seed}")
-        torch.manual_seed(0)
-        result = train(TrainRequest(str(ws.path), iterations=800, settings=small, progress_bar=False,
-                                    unlabeled=unlabeled, seed=0))
-        if unlabeled:
-            assert len(ws.version(result["version"])["pseudo_labels"]["used"]) >= 2
-        dice[unlabeled] = _held_back_dice(ws, (60, 61, 62), "t1")
-    assert dice[True] > dice[False] + 0.15, dice
-    assert dice[True] > 0.65, dice
-
-
 def test_correction_effort_counts_voxels_slices_and_structures():
     import numpy as np
 

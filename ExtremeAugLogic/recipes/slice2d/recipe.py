@@ -51,8 +51,9 @@ DEFAULTS_2D = {
     "objects": "ordered",        # after prediction: off | per-object | ordered (inference.labels_from_probabilities);
                                  # ordered: per-structure Dice 0.275 -> 0.372 on 42 unseen pairs, same models
     "unlabeled": "self-training",  # the worklist scans: off | self-training (training.trainer, pseudo-labels);
-                                 # at 8 minutes, vb01/vb07/vb13 x 14 with the 14 as worklist: 0.806 / 0.578 ->
-                                 # 0.821 / 0.697, better on each training scan (generalisation-explore); no worklist: no change
+                                 # at 8 minutes, 5 training scans x 14 with the 14 as worklist: 0.803 / 0.613 ->
+                                 # 0.812 / 0.671, better per vertebra on each training scan (generalisation-explore,
+                                 # sixth round); no worklist: no change
     "pseudo_label_at": 0.6,      # fraction of the budget after which the worklist is pseudo-labelled
     "pseudo_label_confidence": 0.9,  # a scan joins when its mean top probability inside the structures is this high
     "context_slices": 0,         # 2.5D input: this many neighbouring slices on each side as extra channels
