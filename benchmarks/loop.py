@@ -89,13 +89,16 @@ def train_start(args, data: Path, work: Path, names: dict) -> tuple[Path, dict]:
 
 
 def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: str, warm: bool,
-             names: dict) -> dict:
+             names: dict, run: dict, save) -> None:
+    """Fill ``run['rounds']`` round by round, calling ``save()`` after each (a run cut short keeps its rounds)."""
     ws = work / f"{order}-{'warm' if warm else 'scratch'}" / "ws"
     log = ws.parent / "engine.log"
     ws.parent.mkdir(parents=True)
     shutil.copytree(start_ws, ws)
     labels = sorted(names)
-    rounds = [dict(round0)]
+    rounds = run["rounds"]
+    rounds.append(dict(round0))
+    save()
     from ExtremeAugLogic.workspace import Workspace
 
     for number in range(1, args.rounds + 1):
@@ -120,10 +123,10 @@ def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: 
                "train_wall_s": round(timing["wall_s"], 1), "scores": remaining_scores(ws, data, labels)}
         row.update(summary(row["scores"]))
         rounds.append(row)
+        save()
         print(f"  round {number}: corrected {case} ({row['changed_voxels']} voxels, {row['slices_touched']} slices); "
               f"binary {_f(row['binary_dice'])}, per-structure {_f(row['mean_dice'])} on {row['scans']} scans; "
               f"retrain + worklist {row['train_wall_s']:.0f} s", flush=True)
-    return {"order": order, "warm": warm, "rounds": rounds}
 
 
 def _f(value):
@@ -206,6 +209,12 @@ def main(argv=None) -> int:
     results = {"set": args.set, "start": args.start, "minutes": args.minutes, "retrain_minutes": args.retrain_minutes,
                "scratch_minutes": args.scratch_minutes,
                "machine": machine(), "runs": []}
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        plot(results, out.with_suffix(".png"))
+        out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
+
     with tempfile.TemporaryDirectory(prefix="extremeaug-loop-") as tmp:
         print(f"loop: first training from {args.start} ({args.minutes:g} min), {len(args.worklist)} scans in the worklist",
               flush=True)
@@ -214,12 +223,10 @@ def main(argv=None) -> int:
             order, start = run.split("/")
             print(f"loop: order {order}, {start}", flush=True)
             began = time.monotonic()
-            results["runs"].append(run_loop(args, data, Path(tmp), start_ws, round0, order, start == "warm", names))
+            run = {"order": order, "warm": start == "warm", "rounds": []}
+            results["runs"].append(run)
+            run_loop(args, data, Path(tmp), start_ws, round0, order, start == "warm", names, run, save)
             print(f"  {time.monotonic() - began:.0f} s", flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-            plot(results, out.with_suffix(".png"))
-            out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
     print(f"wrote {out}")
     return 0
 

@@ -2,6 +2,9 @@
 # The GPU figures, on a lent GPU machine whose Python has torch but not monai or SimpleITK.
 #   benchmarks/run_gpu_reports.sh smoke      # ~2 min: CUDA paths of both methods, throughput of one GPU
 #   benchmarks/run_gpu_reports.sh protocol   # ~9 min: vb01 vb07 vb13 -> every other vb scan, 1 min each method
+#   benchmarks/run_gpu_reports.sh loop       # ~9.5 min: the vertebra loop (1 min, warm retrains of 0.25 min,
+#                                            # 2 rounds), then the protocol with the worklist (self-training)
+#                                            # as far as the time goes; results kept in .gpu/results between calls
 # Expects, beside the checkout's files: .gpu/sitk.tar.xz (an unpacked SimpleITK wheel, xz-packed to
 # fit the transfer), .gpu/monai-*.whl, .gpu/data/spine-vb (a copy of the shared scans); writes to $OUT.
 set -u
@@ -24,5 +27,14 @@ case "${1:-smoke}" in
   protocol)
     timeout ${PROTOCOL_SECONDS:-520} $PY benchmarks/generalisation.py --set vb --device cuda --minutes ${MINUTES:-1} \
       --train-cases ${TRAIN_CASES:-vb01 vb07 vb13} --label gpu-1min --out "$OUT/generalisation-vb-gpu-1min.md" 2>&1 | tail -40 ;;
+  loop)
+    mkdir -p .gpu/results
+    timeout ${LOOP_SECONDS:-300} $PY benchmarks/loop.py --set vb --start vb01 --rounds 2 --minutes 1 \
+      --retrain-minutes 0.25 --runs added/warm --out .gpu/results/loop-vb-gpu.md 2>&1 | tail -12
+    cp .gpu/results/*.md .gpu/results/*.json .gpu/results/*.png "$OUT"/ 2>/dev/null
+    timeout ${PROTOCOL_SECONDS:-250} $PY benchmarks/generalisation.py --set vb --device cuda --minutes 1 --unlabeled \
+      --train-cases ${TRAIN_CASES:-vb01 vb07 vb13 vb04 vb10} --label gpu-1min-selftrain \
+      --out .gpu/results/generalisation-vb-gpu-1min-selftrain.md 2>&1 | tail -30
+    cp .gpu/results/*.md .gpu/results/*.json .gpu/results/*.png "$OUT"/ 2>/dev/null ;;
 esac
 ls -la "$OUT"
