@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="vN, best (default) or latest")
     p.add_argument("--device", default="auto")
     p.add_argument("--tta", action="store_true", help="average with flipped predictions")
-    p.add_argument("--objects", choices=("off", "per-object", "ordered", "ordered-aligned"), default=None,
+    p.add_argument("--objects", choices=("off", "per-object", "ordered", "ordered-aligned", "ordered-split"), default=None,
                    help="one structure label per connected object (per-object), also in anatomical order "
-                        "(ordered; ordered-aligned: its chain chosen among all large objects), or voxel by voxel (off); default: the model's setting")
+                        "(ordered; ordered-aligned: its chain chosen among all large objects; ordered-split: objects as long as several structures cut into as many first), or voxel by voxel (off); default: the model's setting")
     p.add_argument("--min-component-fraction", type=float, default=None,
                    help="drop components smaller than this fraction of a structure's largest (0 = keep all)")
 

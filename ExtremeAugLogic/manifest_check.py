@@ -351,6 +351,7 @@ _COMMON_CONFIG_CHECKS: dict[str, Check] = {
 }
 # Keys a config may lack (written by newer engines; older versions still open).
 _OPTIONAL_CONFIG_KEYS = ("structure_order",)
+_ORDER_KEYS = {"axis", "ascending", "labels"}
 _CONFIG_CHECKS_BY_KIND: dict[str, dict[str, Check]] = {
     "2d": {
         "template": _optional(_list_of(_number)),
@@ -404,9 +405,12 @@ def check_version_config(config: dict, config_path, allowed_dirs=()) -> dict:
         if key not in config and key not in _OPTIONAL_CONFIG_KEYS:
             fail(key, "is missing")
     order = config.get("structure_order")
-    if order is not None and (set(order) != {"axis", "ascending", "labels"} or _int(order["axis"])
-                              or not isinstance(order["ascending"], bool) or _list_of(_int)(order["labels"])):
-        fail("structure_order", "must be {axis: int, ascending: bool, labels: [int, ...]}")
+    if order is not None and (not _ORDER_KEYS <= set(order) <= _ORDER_KEYS | {"pitch_mm"}
+                              or _int(order["axis"]) or not isinstance(order["ascending"], bool)
+                              or _list_of(_int)(order["labels"])
+                              or ("pitch_mm" in order and (_number(order["pitch_mm"]) or order["pitch_mm"] <= 0))):
+        fail("structure_order", "must be {axis: int, ascending: bool, labels: [int, ...]}, "
+                                "optionally pitch_mm: a positive number")
     _check_fields(config, checks, "", fail)
     where = _non_finite_number(config, "")
     if where:

@@ -73,11 +73,12 @@ def load_model(workspace, version: str | None, device: str):
     return recipe, config, model.to(device).eval(), name
 
 
-OBJECT_RULES = ("off", "per-object", "ordered", "ordered-aligned")
+OBJECT_RULES = ("off", "per-object", "ordered", "ordered-aligned", "ordered-split")
 
 
 def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: str | None = None,
-                              min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION) -> np.ndarray:
+                              min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+                              spacing=None) -> np.ndarray:
     """The label map (uint8) from class probabilities (K+1, z, y, x).
 
     ``objects`` (default: the model's ``objects`` setting, else "off"): "off" is the voxel-wise
@@ -86,7 +87,9 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     ``structure_order``; per object alone when the labels showed none), its chain of levels the
     largest objects; "ordered-aligned" chooses the chain among all large objects instead (opt-in:
     not better across training scans, docs/results/generalisation-explore; ``chain`` of
-    ``structure_order.assign_structures``).
+    ``structure_order.assign_structures``); "ordered-split" is "ordered" after cutting every
+    object as long as several structures into as many (the order's ``pitch_mm`` over the voxel
+    size ``spacing``, in array-axis order, of the scan; without both it is "ordered").
     Specks are removed last.
     """
     objects = objects or config["settings"].get("objects", "off")
@@ -97,8 +100,16 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     else:
         order = config.get("structure_order") if objects.startswith("ordered") else None
         chain = "aligned" if objects == "ordered-aligned" else "largest"
-        labels = assign_structures(probabilities, order, chain=chain)
+        pitch = None
+        if objects == "ordered-split" and order and order.get("pitch_mm") and spacing is not None:
+            pitch = float(order["pitch_mm"]) / float(spacing[int(order["axis"])])
+        labels = assign_structures(probabilities, order, chain=chain, pitch=pitch)
     return remove_specks(labels, min_component_fraction)
+
+
+def array_spacing(image: sitk.Image) -> tuple[float, ...]:
+    """The voxel size of ``image`` in array-axis (numpy) order."""
+    return tuple(float(v) for v in reversed(image.GetSpacing()))
 
 
 def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, tta: bool = False,
@@ -106,7 +117,7 @@ def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, t
                   progress=None, objects: str | None = None) -> np.ndarray:
     """Label array (numpy order, uint8) for ``image``."""
     probabilities = recipe.predict_probabilities(model, config, image, device, tta=tta, progress=progress)
-    return labels_from_probabilities(probabilities, config, objects, min_component_fraction)
+    return labels_from_probabilities(probabilities, config, objects, min_component_fraction, array_spacing(image))
 
 
 def to_label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -7,7 +7,9 @@ standard library only) offers two steps:
 * ``detect_structure_order`` learns from the training label maps whether the structures always
   appear in the same order along one array axis (for example L1..L5 from head to feet);
 * ``assign_structures`` turns probabilities into a label map where every 3D object takes one
-  label (an object that clearly spans two structures is split in two), optionally in that order.
+  label (an object that clearly spans two structures is split in two), optionally in that order;
+  given the structures' pitch along that axis, an object as long as several structures is cut
+  into as many (merged vertebrae whose probabilities name one level).
 
 Arrays are in numpy order (z, y, x); "axis" always means an axis of that spatial array.
 """
@@ -26,6 +28,8 @@ SPAN_MIN_PART = 0.2
 FRAGMENT_FRACTION = 0.2
 # Consecutive structure centroids must be at least this many times (sd_a + sd_b) apart.
 MIN_SEPARATION = 1.0
+# An object at least this many pitches long along the order axis is cut into round(length / pitch).
+LONG_OBJECT_PITCHES = 1.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,14 +103,29 @@ def _order_along(maps: list[np.ndarray], axis: int, min_separation: float):
     return merged, float(np.mean(separations))
 
 
+def _pitch_along(maps: list[np.ndarray], axis: int, labels: list[int], spacings) -> float | None:
+    """Mean distance (mm) between the centroids of consecutive structures along ``axis``.
+
+    A gap across a missing level counts as that many pitches; None when no map shows two.
+    """
+    position = {label: index for index, label in enumerate(labels)}
+    pitches = []
+    for label_map, spacing in zip(maps, spacings):
+        counts, centroid, _ = _positions_along(label_map, axis)
+        present = sorted((position[int(v)], centroid[v]) for v in np.flatnonzero(counts) if int(v) in position)
+        for (i, a), (j, b) in zip(present, present[1:]):
+            pitches.append(abs(b - a) / (j - i) * float(spacing[axis]))
+    return float(np.mean(pitches)) if pitches else None
+
+
 def _mostly_ascending(labels: list[int]) -> bool:
     """True when label values increase along the list for at least half of the pairs."""
     pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
     return sum(b > a for a, b in pairs) >= sum(b < a for a, b in pairs)
 
 
-def detect_structure_order(label_arrays: list[np.ndarray],
-                           min_separation: float = MIN_SEPARATION) -> dict | None:
+def detect_structure_order(label_arrays: list[np.ndarray], min_separation: float = MIN_SEPARATION,
+                           spacings: list | None = None) -> dict | None:
     """The axis along which every training label map shows its structures in the same order.
 
     Rule: for each array axis, each map's structures (labels > 0 that are present) are sorted by
@@ -121,8 +140,10 @@ def detect_structure_order(label_arrays: list[np.ndarray],
 
     Returns ``{"axis": a, "ascending": bool, "labels": [...]}`` with the labels listed by
     increasing coordinate along ``a``; ``ascending`` says whether label values increase along
-    the axis (for a non-monotonic numbering: for at least half of the pairs). None when no axis
-    is consistent, or when no map shows two structures.
+    the axis (for a non-monotonic numbering: for at least half of the pairs). With ``spacings``
+    (each map's voxel size in mm, in array-axis order) it also holds ``"pitch_mm"``: the mean
+    distance between consecutive structures' centroids along ``a``. None when no axis is
+    consistent, or when no map shows two structures.
     """
     maps = []
     for array in label_arrays:
@@ -148,7 +169,14 @@ def detect_structure_order(label_arrays: list[np.ndarray],
     if best is None:
         return None
     axis, labels, _ = best
-    return {"axis": axis, "ascending": _mostly_ascending(labels), "labels": labels}
+    order = {"axis": axis, "ascending": _mostly_ascending(labels), "labels": labels}
+    if spacings is not None:
+        if len(spacings) != len(maps):
+            raise ValueError(f"{len(spacings)} spacings for {len(maps)} label maps")
+        pitch = _pitch_along(maps, axis, labels, spacings)
+        if pitch:
+            order["pitch_mm"] = round(pitch, 3)
+    return order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +256,61 @@ def _split_spanning(probabilities, ids, sizes, sums, span_ratio, span_min_part, 
         new_sums.append(part_sums)
         sizes[component] -= new_sizes[-1]
         sums[component] -= part_sums
+    if not new_sizes:
+        return sizes, sums
+    return np.concatenate([sizes, new_sizes]), np.vstack([sums, new_sums])
+
+
+def _split_long(probabilities, ids, sizes, sums, axis, pitch, fragment_fraction):
+    """Cut, in place in ``ids``, every large part as long as several structures along ``axis``.
+
+    A part (at least ``fragment_fraction`` of the largest) that spans ``length`` >=
+    ``LONG_OBJECT_PITCHES`` x ``pitch`` voxels along the axis is cut across the axis into
+    n = round(length / pitch) pieces, each cut at the thinnest cross-section (fewest voxels of
+    the part) within a quarter pitch of the even division: touching vertebrae meet at their
+    discs. Returns ``sizes`` and ``sums`` extended with one row per new piece.
+    """
+    n_ids = len(sizes) - 1
+    if n_ids == 0 or not pitch or pitch <= 0:
+        return sizes, sums
+    first, last = _extent_along(ids, axis, n_ids)
+    length = last - first + 1
+    large = np.flatnonzero((sizes >= max(fragment_fraction * sizes[1:].max(), 2))
+                           & (length >= LONG_OBJECT_PITCHES * pitch))
+    large = large[large > 0]
+    if large.size == 0:
+        return sizes, sums
+    lookup = np.zeros(len(sizes), dtype=np.int32)
+    lookup[large] = np.arange(1, large.size + 1)
+    boxes = ndimage.find_objects(lookup[ids])
+    across = tuple(a for a in range(ids.ndim) if a != axis)
+    new_sizes, new_sums = [], []
+    for part, box in zip(large, boxes):
+        inside = ids[box] == part
+        n_pieces = int(round(length[part] / pitch))
+        area = inside.sum(axis=across)  # voxels of the part per position along the axis
+        cuts = []
+        for k in range(1, n_pieces):
+            centre = k * len(area) / n_pieces
+            low = max(int(np.ceil(centre - pitch / 4)), 1)
+            high = min(int(np.floor(centre + pitch / 4)), len(area) - 1)
+            if low <= high:
+                cuts.append(low + int(np.argmin(area[low:high + 1])))
+        cuts = sorted(set(cuts))
+        shape = [1] * ids.ndim
+        shape[axis] = inside.shape[axis]
+        piece = np.searchsorted(np.array(cuts), np.arange(inside.shape[axis]), side="right").reshape(shape)
+        for k in range(1, len(cuts) + 1):
+            new_part = inside & (piece == k)
+            if not new_part.any():
+                continue
+            ids[box][new_part] = len(sizes) + len(new_sizes)
+            part_sums = probabilities[(slice(None),) + box][:, new_part].sum(axis=1, dtype=np.float64)
+            part_sums[0] = 0.0
+            new_sizes.append(int(new_part.sum()))
+            new_sums.append(part_sums)
+            sizes[part] -= new_sizes[-1]
+            sums[part] -= part_sums
     if not new_sizes:
         return sizes, sums
     return np.concatenate([sizes, new_sizes]), np.vstack([sums, new_sums])
@@ -364,7 +447,8 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
 
 def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_voxels: int = 0, *,
                       span_ratio: float = SPAN_RATIO, span_min_part: float = SPAN_MIN_PART,
-                      fragment_fraction: float = FRAGMENT_FRACTION, chain: str = "largest") -> np.ndarray:
+                      fragment_fraction: float = FRAGMENT_FRACTION, chain: str = "largest",
+                      pitch: float | None = None) -> np.ndarray:
     """uint8 label map (z, y, x) with one structure label per 3D object.
 
     ``probabilities``: (K+1, z, y, x), channel 0 background. Steps:
@@ -378,10 +462,15 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
        component. Each structure then keeps its largest piece plus the other's stray pieces
        (one part per structure). A level flipping from slice to slice does not split: its
        pieces are single slices.
-    3. Each component or part takes the structure with the largest summed probability over its
+    3. Long objects (with ``order`` and ``pitch``, the distance between consecutive structures
+       along ``order["axis"]`` in voxels of this array): a part at least 1.5 pitches long is cut
+       across the axis into round(length / pitch) pieces at its thinnest cross-sections
+       (``_split_long``): vertebrae merged through their discs, whose probabilities may all
+       name one level, become one part per vertebra for the ordered step.
+    4. Each component or part takes the structure with the largest summed probability over its
        voxels.
-    4. With ``order`` (from ``detect_structure_order``; only "axis" and "labels" are read),
-       parts whose label from step 3 is in ``order["labels"]`` are relabelled (the others keep
+    5. With ``order`` (from ``detect_structure_order``; only "axis" and "labels" are read),
+       parts whose label from step 4 is in ``order["labels"]`` are relabelled (the others keep
        it). Large parts (at least ``fragment_fraction`` of the largest such part) are sorted by
        centroid along ``order["axis"]``. With ``chain="largest"`` (the default) the largest parts,
        as many as labels, form the chain and take strictly increasing positions in
@@ -420,6 +509,9 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
         sizes[too_small] = 0
     sums = _summed_probabilities(probabilities, ids, n_ids)
     sizes, sums = _split_spanning(probabilities, ids, sizes, sums, span_ratio, span_min_part,
+                                  fragment_fraction)
+    if order is not None and pitch:
+        sizes, sums = _split_long(probabilities, ids, sizes, sums, int(order["axis"]), float(pitch),
                                   fragment_fraction)
 
     part_label = np.argmax(sums[:, 1:], axis=1) + 1

@@ -459,3 +459,15 @@ def test_contained_accepts_a_symlink_staying_inside(tmp_path):
     (ws / "predictions" / "a.nii.gz").write_bytes(b"")
     os.symlink(ws / "predictions" / "a.nii.gz", ws / "predictions" / "b.nii.gz")
     assert contained(ws, "predictions/b.nii.gz") == (ws / "predictions" / "a.nii.gz").resolve()
+
+
+def test_structure_order_with_or_without_its_pitch_is_accepted_and_a_bad_pitch_refused(config_path):
+    order = {"axis": 0, "ascending": True, "labels": [1, 2]}
+    for extra in ({}, {"pitch_mm": 33.9}):
+        config = {**config_2d(), "structure_order": {**order, **extra}}
+        assert check_version_config(config, config_path) == config
+    for pitch in (-1.0, 0, "far", float("nan")):
+        refused(check_version_config, {**config_2d(), "structure_order": {**order, "pitch_mm": pitch}}, config_path,
+                names=("structure_order",))
+    refused(check_version_config, {**config_2d(), "structure_order": {**order, "spacing": 1.0}}, config_path,
+            names=("structure_order",))

@@ -271,3 +271,80 @@ def test_the_command_line_offers_every_labelling_rule():
     predict = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
                    if a.dest == "objects")
     assert tuple(predict.choices) == OBJECT_RULES
+
+
+# ---------------------------------------------------------------- objects as long as several levels
+
+def merged_levels(first, last, thickness=6, gap=2):
+    """Stacked boxes with the gaps between levels ``first``..``last`` (1-based) filled: one object."""
+    labels = stacked_boxes()
+    for level in range(first, last):
+        z0 = 1 + level * (thickness + gap) - gap
+        labels[z0:z0 + gap, 5:11, 5:11] = level  # a thinner bridge, as a disc between two bodies
+    return labels
+
+
+def test_an_object_as_long_as_three_levels_is_cut_into_three_before_the_order():
+    """L3..L5 touch through their discs and the model calls all three L4: with the pitch (8 voxels
+    between the boxes' centres) the object is cut at its two thinnest cross-sections into three
+    parts, and the order gives them L3, L4 and L5; without it the three stay one object."""
+    labels = merged_levels(3, 5)
+    probabilities = soft_probabilities(labels)
+    merged = np.s_[box_slices(2)[0].start:box_slices(4)[0].stop, 3:13, 3:13]
+    set_probabilities(probabilities, (labels >= 3,), {4: 0.8, 3: 0.05, 5: 0.05, 0: 0.1})
+    assert ndimage.label(probabilities.argmax(0) > 0)[1] == 3
+    plain = assign_structures(probabilities, ORDER)
+    assert len(np.unique(plain[merged][plain[merged] > 0])) == 1  # one label for three vertebrae
+    cut = assign_structures(probabilities, ORDER, pitch=8.0)
+    boxes = stacked_boxes() > 0  # the bridges may go either way
+    assert np.array_equal(cut[boxes], labels[boxes])
+    # the cuts fall in the bridges: each box is whole, the bridge voxels join a neighbour
+    assert set(np.unique(cut[merged])) == {0, 3, 4, 5}
+
+
+def test_the_cut_needs_the_order_and_spares_objects_shorter_than_one_and_a_half_pitches():
+    labels = merged_levels(3, 5)
+    probabilities = soft_probabilities(labels)
+    assert np.array_equal(assign_structures(probabilities, None, pitch=8.0), assign_structures(probabilities))
+    # two boxes joined are 14 voxels long: cut at pitch 8 (1.75 pitches), not at pitch 10 (1.4)
+    two = merged_levels(2, 3)
+    probabilities = soft_probabilities(two)
+    joined = np.s_[box_slices(1)[0].start:box_slices(2)[0].stop, 3:13, 3:13]
+    set_probabilities(probabilities, ((two == 2) | (two == 3),), {2: 0.85, 3: 0.05, 0: 0.1})
+    boxes = stacked_boxes() > 0
+    assert np.array_equal(assign_structures(probabilities, ORDER, pitch=8.0)[boxes], two[boxes])
+    kept = assign_structures(probabilities, ORDER, pitch=10.0)
+    assert len(np.unique(kept[joined][kept[joined] > 0])) == 1
+    # a well separated prediction is unchanged by any pitch
+    plain = soft_probabilities(stacked_boxes())
+    assert np.array_equal(assign_structures(plain, ORDER, pitch=8.0), stacked_boxes())
+
+
+def test_detect_order_gives_the_pitch_in_millimetres():
+    maps = [stacked_boxes(), stacked_boxes(levels=(1, 2, 0, 4, 5))]  # a missing level: a double gap
+    order = detect_structure_order(maps, spacings=[(1.0, 1.0, 1.0), (2.0, 1.0, 1.0)])
+    # 4 gaps of 8 voxels of 1 mm; 3 of 8 voxels of 2 mm (2 -> 4: 16 voxels over two levels): mean of the 7
+    assert order["pitch_mm"] == pytest.approx((4 * 8 + 3 * 16) / 7, abs=1e-3)
+    assert "pitch_mm" not in detect_structure_order(maps)
+    with pytest.raises(ValueError, match="spacings"):
+        detect_structure_order(maps, spacings=[(1.0, 1.0, 1.0)])
+
+
+def test_the_split_rule_converts_the_pitch_with_the_scan_spacing():
+    from ExtremeAugLogic.errors import InputError
+    from ExtremeAugLogic.inference import OBJECT_RULES, labels_from_probabilities
+
+    labels = merged_levels(3, 5)
+    probabilities = soft_probabilities(labels)
+    set_probabilities(probabilities, (labels >= 3,), {4: 0.8, 3: 0.05, 5: 0.05, 0: 0.1})
+    config = {"settings": {"objects": "ordered-split"}, "structure_order": {**ORDER, "pitch_mm": 16.0}}
+    boxes = stacked_boxes() > 0
+    assert "ordered-split" in OBJECT_RULES
+    split = labels_from_probabilities(probabilities, config, spacing=(2.0, 1.0, 1.0))  # 16 mm = 8 voxels
+    assert np.array_equal(split[boxes], labels[boxes])
+    ordered = labels_from_probabilities(probabilities, config, "ordered", spacing=(2.0, 1.0, 1.0))
+    for no_pitch in (labels_from_probabilities(probabilities, config),  # no spacing
+                     labels_from_probabilities(probabilities, config, spacing=(1.0, 1.0, 1.0))):  # 16 voxels
+        assert np.array_equal(no_pitch, ordered)
+    with pytest.raises(InputError, match="objects"):
+        labels_from_probabilities(probabilities, config, "split")
