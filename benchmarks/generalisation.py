@@ -369,7 +369,9 @@ def _objects_rules(runs: dict) -> list[str]:
         worst = min(pairs, key=lambda p: p[2]["mean_dice"])
         against = "-"
         if "ordered" in rules and rule != "ordered":
-            diffs = [s["mean_dice"] - runs[tc]["scores_by_objects_rule"]["ordered"][vc]["mean_dice"] for tc, vc, s in pairs]
+            ordered = {(tc, vc): s["mean_dice"] for tc, run in runs.items()
+                       for vc, s in run["scores_by_objects_rule"]["ordered"].items()}
+            diffs = [s["mean_dice"] - ordered[tc, vc] for tc, vc, s in pairs]
             against = f"{sum(d > 0.01 for d in diffs)} / {sum(d < -0.01 for d in diffs)}"
         lines.append(f"| {rule} | {binary:.3f} | {per:.3f} | {binary - per:.3f} | {worst[0]} -> {worst[1]} "
                      f"{worst[2]['mean_dice']:.3f} | {against} |")

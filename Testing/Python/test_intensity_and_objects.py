@@ -170,8 +170,9 @@ def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path):
     order = config["structure_order"]
     assert order["axis"] == 0 and sorted(order["labels"]) == sorted(ws.structure_names())
     assert order["labels"] in (sorted(order["labels"]), sorted(order["labels"], reverse=True))
+    assert 4.0 <= order["pitch_mm"] <= 48 * 4.0  # at least a voxel, at most the scan (mm, 4 mm voxels)
     outputs = {}
-    for rule in ("off", "ordered"):
+    for rule in ("off", "ordered", "ordered-split"):
         out = tmp_path / f"{rule}.nii.gz"
         done = subprocess.run([sys.executable, "-m", "ExtremeAugLogic", "predict", ws.path, "--image", pairs[1][0],
                                "--output", out, "--objects", rule], capture_output=True, text=True, timeout=300)
@@ -179,6 +180,7 @@ def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path):
         outputs[rule] = sitk.GetArrayFromImage(read_label(out, allow_empty=True))
     assert outputs["off"].shape == outputs["ordered"].shape
     assert set(np.unique(outputs["ordered"])) <= {0, *ws.structure_names()}
+    assert set(np.unique(outputs["ordered-split"])) <= {0, *ws.structure_names()}
     bad = subprocess.run([sys.executable, "-m", "ExtremeAugLogic", "predict", ws.path, "--image", pairs[1][0],
                           "--output", tmp_path / "x.nii.gz", "--objects", "sideways"], capture_output=True, text=True)
     assert bad.returncode == 2 and not (tmp_path / "x.nii.gz").exists()
