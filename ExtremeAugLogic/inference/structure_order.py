@@ -249,13 +249,23 @@ def _split_spanning(probabilities, ids, sizes, sums, span_ratio, span_min_part, 
             continue
         # Each structure keeps its largest piece; stray pieces go to the other structure.
         new_part = second_core | (best_side & ~best_core)
-        ids[box][new_part] = len(sizes) + len(new_sizes)
-        part_sums = probabilities[(slice(None),) + box][:, new_part].sum(axis=1, dtype=np.float64)
-        part_sums[0] = 0.0
-        new_sizes.append(int(new_part.sum()))
-        new_sums.append(part_sums)
-        sizes[component] -= new_sizes[-1]
-        sums[component] -= part_sums
+        _move_to_new_part(probabilities, ids, box, new_part, component, sizes, sums, new_sizes, new_sums)
+    return _with_new_parts(sizes, sums, new_sizes, new_sums)
+
+
+def _move_to_new_part(probabilities, ids, box, voxels, old, sizes, sums, new_sizes, new_sums) -> None:
+    """Give ``voxels`` (a mask inside ``box``) of part ``old`` the next new id, moving their size and sums."""
+    ids[box][voxels] = len(sizes) + len(new_sizes)
+    part_sums = probabilities[(slice(None),) + box][:, voxels].sum(axis=1, dtype=np.float64)
+    part_sums[0] = 0.0
+    new_sizes.append(int(voxels.sum()))
+    new_sums.append(part_sums)
+    sizes[old] -= new_sizes[-1]
+    sums[old] -= part_sums
+
+
+def _with_new_parts(sizes, sums, new_sizes, new_sums):
+    """``sizes`` and ``sums`` extended with the rows of the new parts."""
     if not new_sizes:
         return sizes, sums
     return np.concatenate([sizes, new_sizes]), np.vstack([sums, new_sums])
@@ -302,18 +312,9 @@ def _split_long(probabilities, ids, sizes, sums, axis, pitch, fragment_fraction)
         piece = np.searchsorted(np.array(cuts), np.arange(inside.shape[axis]), side="right").reshape(shape)
         for k in range(1, len(cuts) + 1):
             new_part = inside & (piece == k)
-            if not new_part.any():
-                continue
-            ids[box][new_part] = len(sizes) + len(new_sizes)
-            part_sums = probabilities[(slice(None),) + box][:, new_part].sum(axis=1, dtype=np.float64)
-            part_sums[0] = 0.0
-            new_sizes.append(int(new_part.sum()))
-            new_sums.append(part_sums)
-            sizes[part] -= new_sizes[-1]
-            sums[part] -= part_sums
-    if not new_sizes:
-        return sizes, sums
-    return np.concatenate([sizes, new_sizes]), np.vstack([sums, new_sums])
+            if new_part.any():
+                _move_to_new_part(probabilities, ids, box, new_part, part, sizes, sums, new_sizes, new_sums)
+    return _with_new_parts(sizes, sums, new_sizes, new_sums)
 
 
 def _extent_along(ids: np.ndarray, axis: int, n_ids: int):
