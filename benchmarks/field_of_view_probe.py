@@ -41,7 +41,8 @@ def probe(workspace: Path, folder: Path, cases: list[str]) -> dict:
     """{case: {variant: (binary, per-structure)}} for every case, with the workspace's best model."""
     import SimpleITK as sitk
 
-    from ExtremeAugLogic.inference.predict import array_spacing, labels_from_probabilities, load_model
+    from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model
+    from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
     from ExtremeAugLogic.workspace import Workspace
 
     recipe, config, model, _ = load_model(Workspace(workspace), None, "cpu")
@@ -65,12 +66,12 @@ def probe(workspace: Path, folder: Path, cases: list[str]) -> dict:
             predicted[(top, bottom)] = (recipe.predict_probabilities(model, config, cut_image, "cpu"), seen)
         row = {}
         for top, bottom in CUTS:
-            labels = labels_from_probabilities(predicted[(top, bottom)][0], config, spacing=array_spacing(image))
+            labels = labels_from_probabilities(predicted[(top, bottom)][0], config, spacing=case_spacing_zyx(image))
             row[f"top {top} mm, bottom {bottom} mm blanked"] = _dice(labels, reference, values)
         for name, variants in AVERAGES.items():
             total = sum(predicted[v][0] * predicted[v][1][None, :, None, None] for v in variants)
             weight = sum(predicted[v][1] for v in variants)[None, :, None, None]
-            labels = labels_from_probabilities(total / np.maximum(weight, 1e-6), config, spacing=array_spacing(image))
+            labels = labels_from_probabilities(total / np.maximum(weight, 1e-6), config, spacing=case_spacing_zyx(image))
             row[name] = _dice(labels, reference, values)
         results[case] = row
         print(case, {k: f"{b:.3f}/{s:.3f}" for k, (b, s) in row.items()}, flush=True)

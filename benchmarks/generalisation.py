@@ -138,7 +138,7 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
     from ExtremeAugLogic.evaluation import dice_scores
     from ExtremeAugLogic.inference import (DEFAULT_MIN_COMPONENT_FRACTION, OBJECT_RULES, labels_from_probabilities,
                                            load_model, to_label_image)
-    from ExtremeAugLogic.inference.predict import array_spacing
+    from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
     from ExtremeAugLogic.workspace import Workspace
     from ExtremeAugLogic.workspace.imageio import read_image, read_label
 
@@ -167,7 +167,7 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
         reference = read_label(data / f"{case}_label.nii.gz", reference=image)
         start = time.perf_counter()
         probabilities = recipe.predict_probabilities(model, config, image, device)
-        spacing = array_spacing(image)
+        spacing = case_spacing_zyx(image)
         labels_default = labels_from_probabilities(probabilities, config, default_rule, DEFAULT_MIN_COMPONENT_FRACTION,
                                                    spacing)
         seconds = time.perf_counter() - start
@@ -362,6 +362,8 @@ def _objects_rules(runs: dict) -> list[str]:
              "level errors; against ordered: pairs whose per-structure Dice is more than 0.01 higher / lower.", "",
              "| rule | mean binary Dice | mean per-structure Dice | gap | worst pair per-structure | against ordered |",
              "|---|---|---|---|---|---|"]
+    ordered = {(tc, vc): s["mean_dice"] for tc, run in runs.items()
+               for vc, s in run["scores_by_objects_rule"].get("ordered", {}).items()}
     for rule in rules:
         pairs = [(tc, vc, s) for tc, run in runs.items() for vc, s in run["scores_by_objects_rule"][rule].items()]
         binary = float(np.mean([s["binary_dice"] for _, _, s in pairs]))
@@ -369,8 +371,6 @@ def _objects_rules(runs: dict) -> list[str]:
         worst = min(pairs, key=lambda p: p[2]["mean_dice"])
         against = "-"
         if "ordered" in rules and rule != "ordered":
-            ordered = {(tc, vc): s["mean_dice"] for tc, run in runs.items()
-                       for vc, s in run["scores_by_objects_rule"]["ordered"].items()}
             diffs = [s["mean_dice"] - ordered[tc, vc] for tc, vc, s in pairs]
             against = f"{sum(d > 0.01 for d in diffs)} / {sum(d < -0.01 for d in diffs)}"
         lines.append(f"| {rule} | {binary:.3f} | {per:.3f} | {binary - per:.3f} | {worst[0]} -> {worst[1]} "

@@ -23,6 +23,7 @@ from ExtremeAugLogic.inference.postprocess import DEFAULT_MIN_COMPONENT_FRACTION
 from ExtremeAugLogic.inference.structure_order import assign_structures
 from ExtremeAugLogic.recipes.base import RecipeConfig
 from ExtremeAugLogic.recipes.registry import make_recipe
+from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
 from ExtremeAugLogic.workspace import atomic, imageio
 from ExtremeAugLogic.manifest_check import check_version_config
 
@@ -107,17 +108,13 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     return remove_specks(labels, min_component_fraction)
 
 
-def array_spacing(image: sitk.Image) -> tuple[float, ...]:
-    """The voxel size of ``image`` in array-axis (numpy) order."""
-    return tuple(float(v) for v in reversed(image.GetSpacing()))
-
-
 def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, tta: bool = False,
                   min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
                   progress=None, objects: str | None = None) -> np.ndarray:
     """Label array (numpy order, uint8) for ``image``."""
     probabilities = recipe.predict_probabilities(model, config, image, device, tta=tta, progress=progress)
-    return labels_from_probabilities(probabilities, config, objects, min_component_fraction, array_spacing(image))
+    return labels_from_probabilities(probabilities, config, objects, min_component_fraction,
+                                     case_spacing_zyx(image))
 
 
 def to_label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -26,7 +26,8 @@ import numpy as np
 
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
-from ExtremeAugLogic.inference.predict import array_spacing, labels_from_probabilities, load_model, to_label_image
+from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model, to_label_image
+from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
 from ExtremeAugLogic.workspace import atomic, imageio, locking, waiting_predictions
 from ExtremeAugLogic.workspace.status import now_iso
 
@@ -58,7 +59,7 @@ def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
         for row in todo:
             image = imageio.read_image(workspace.image_path(row["id"]))
             probabilities = recipe.predict_probabilities(model, config, image, device)
-            labels = labels_from_probabilities(probabilities, config, spacing=array_spacing(image))
+            labels = labels_from_probabilities(probabilities, config, spacing=case_spacing_zyx(image))
             label_path, record_path = workspace.worklist_prediction_files(row["id"])
             if rival is not None and row["state"] == "stale" and row["version"] == rival:
                 waiting_predictions.keep_as_previous(workspace.path, row["id"])

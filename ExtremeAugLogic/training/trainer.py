@@ -37,9 +37,10 @@ from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation.scoring import score_model
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
-from ExtremeAugLogic.inference.predict import (array_spacing, labels_from_probabilities, load_model, load_weights,
-                                               read_config, save_model, to_label_image)
+from ExtremeAugLogic.inference.predict import (labels_from_probabilities, load_model, load_weights, read_config,
+                                               save_model, to_label_image)
 from ExtremeAugLogic.recipes.registry import make_recipe
+from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
 from ExtremeAugLogic.training import distributed
 from ExtremeAugLogic.training.plots import plot_training
 from ExtremeAugLogic.workspace import CaseData, Workspace, atomic, imageio, status as status_mod
@@ -211,7 +212,7 @@ class _Trainer:
         # the anatomical order of the structures, when every training label shows the same one
         config["structure_order"] = detect_structure_order(
             [sitk.GetArrayViewFromImage(c.label) for c in train_cases],
-            spacings=[array_spacing(c.label) for c in train_cases])
+            spacings=[case_spacing_zyx(c.label) for c in train_cases])
         settings = {**config.settings, "model": self.req.model, "device": self.device, **self._budget()}
         name = self.ws.new_version(settings, [c.case_id for c in train_cases], parent=self.parent, **world)
         atomic.write_json(self.ws.model_dir(name) / contract.CONFIG_NAME, config)
@@ -342,7 +343,7 @@ class _Trainer:
             image = imageio.read_image(self.ws.image_path(entry["id"]))
             probabilities = self.recipe.predict_probabilities(self.model, self.config, image, self.device)
             # the rule self-training was measured with (the split of long objects came later, measured on predictions)
-            labels = labels_from_probabilities(probabilities, self.config, "ordered", spacing=array_spacing(image))
+            labels = labels_from_probabilities(probabilities, self.config, "ordered")
             foreground = labels > 0
             confidence = float(probabilities.max(axis=0)[foreground].mean()) if foreground.any() else 0.0
             kept[entry["id"]] = round(confidence, 4)
