@@ -138,3 +138,48 @@ def test_offline_dataset_matches_on_the_fly_transforms(tmp_path):
     assert np.array_equal(y[5], ref_y[0, 0].numpy())
     batch_x, batch_y = augment.OfflineSampler(tmp_path, batch_size=4).batch(0)
     assert batch_x.shape == (4, 1, 32, 32) and batch_y.shape == (4, 1, 32, 32)
+
+
+def test_aspect_stretch_stays_in_its_range_and_keeps_the_default_draws():
+    plain = augment.AugmentationRanges()
+    stretched = augment.AugmentationRanges(aspect=1.2)
+    ids = torch.arange(300)
+    a = augment.transform_parameters(plain, 300, "cpu", seed=2, patch_ids=ids, k=ids % 5)
+    b = augment.transform_parameters(stretched, 300, "cpu", seed=2, patch_ids=ids, k=ids % 5)
+    assert "aspect" not in a  # without a stretch the paper's transforms are unchanged
+    for key in ("angle", "scale", "shift"):
+        assert torch.equal(a[key], b[key])
+    assert b["aspect"].min() >= 1 / 1.2 - 1e-5 and b["aspect"].max() <= 1.2 + 1e-5
+    assert b["aspect"].min() < 1 / 1.15 and b["aspect"].max() > 1.15
+    # the grid of a pure stretch (no rotation, scale 1, no shift): rows sampled 1/a apart, columns a apart
+    one = {"angle": torch.zeros(1), "scale": torch.ones(1), "shift": torch.zeros(1, 2), "aspect": torch.tensor([1.25])}
+    grid = augment.sampling_grid(torch.tensor([[64, 64]]), one, 16, 128)
+    src = ((grid.flip(-1) + 1.0) * 128 - 1.0) / 2.0
+    assert torch.allclose(src[0, 1:, 0, 0] - src[0, :-1, 0, 0], torch.full((15,), 1 / 1.25))
+    assert torch.allclose(src[0, 0, 1:, 1] - src[0, 0, :-1, 1], torch.full((15,), 1.25))
+
+
+def test_bending_is_smooth_bounded_and_moves_image_and_label_together():
+    size, patch = 64, 64
+    params = {"angle": torch.zeros(8), "scale": torch.ones(8), "shift": torch.zeros(8, 2)}
+    grid = augment.sampling_grid(torch.full((8, 2), 32), params, patch, size)
+    generator = torch.Generator().manual_seed(0)
+    bent = augment.bend_grid(grid, 4.0, size, generator)
+    moved = (bent - grid) * size / 2.0  # in slice pixels
+    assert moved.abs().max() <= 4.0 + 1e-4 and moved.abs().max() > 2.0
+    assert (moved[:, 1:] - moved[:, :-1]).abs().max() < 0.5  # neighbours move together
+    image = torch.zeros(1, 1, size, size)
+    image[..., 20:44, 24:40] = 1.0
+    label = (image > 0).long()
+    x, y = augment.sample_patches(image, label, torch.zeros(8, dtype=torch.long), bent, "zeros")
+    assert not torch.equal(x, augment.sample_patches(image, None, torch.zeros(8, dtype=torch.long), grid, "zeros")[0])
+    inside = x[:, 0] > 0.99
+    assert torch.equal(inside, inside & (y[:, 0] == 1))  # the label follows the bent image
+
+
+def test_a_shrinking_aspect_or_negative_bending_is_refused():
+    import pytest
+    from ExtremeAugLogic.errors import InputError
+    for bad in ({"aspect": 0.8}, {"elastic_px": -1}):
+        with pytest.raises(InputError, match="aspect must be >= 1"):
+            augment.AugmentationRanges.from_settings(bad)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.recipes.base import stream_seed
 from ExtremeAugLogic.workspace import atomic
 
@@ -39,12 +40,17 @@ class AugmentationRanges:
     scale_min: float = 0.8
     scale_max: float = 1.2
     translation_px: float = 50.0
+    aspect: float = 1.0        # height / width stretch in [1/a, a] (not in the paper)
+    elastic_px: float = 0.0    # smooth bending: displacements up to this many px (not in the paper)
 
     @classmethod
     def from_settings(cls, settings: dict) -> "AugmentationRanges":
         scale = settings.get("scale", (0.8, 1.2))
+        aspect, elastic = float(settings.get("aspect", 1.0)), float(settings.get("elastic_px", 0.0))
+        if aspect < 1.0 or elastic < 0.0:
+            raise InputError(f"aspect must be >= 1 and elastic_px >= 0 (got {aspect:g} and {elastic:g})")
         return cls(float(settings.get("rotation_deg", 20.0)), float(scale[0]), float(scale[1]),
-                   float(settings.get("translation_px", 50.0)))
+                   float(settings.get("translation_px", 50.0)), aspect, elastic)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -70,14 +76,18 @@ def transform_parameters(ranges: AugmentationRanges, count: int, device, seed: i
     With ``patch_ids`` and ``k`` the values are the fixed transforms of those (patch, k)
     pairs; without them they are fresh draws from ``generator``.
     """
+    channels = 5 if ranges.aspect > 1.0 else 4  # without a stretch the draws stay those of the paper's four
     if patch_ids is None:
-        u = torch.rand((4, count), device=device, generator=generator)
+        u = torch.rand((channels, count), device=device, generator=generator)
     else:
-        u = torch.stack([hashed_uniform(seed, patch_ids, k, c) for c in range(4)])
+        u = torch.stack([hashed_uniform(seed, patch_ids, k, c) for c in range(channels)])
     angle = (2 * u[0] - 1) * math.radians(ranges.rotation_deg)
     scale = ranges.scale_min + u[1] * (ranges.scale_max - ranges.scale_min)
-    shift = (2 * u[2:] - 1).T * ranges.translation_px  # (count, 2) as (row, col)
-    return {"angle": angle, "scale": scale, "shift": shift}
+    shift = (2 * u[2:4] - 1).T * ranges.translation_px  # (count, 2) as (row, col)
+    params = {"angle": angle, "scale": scale, "shift": shift}
+    if channels == 5:
+        params["aspect"] = torch.exp((2 * u[4] - 1) * math.log(ranges.aspect))
+    return params
 
 
 def sampling_grid(centres_rc: torch.Tensor, params: dict, patch: int, size: int) -> torch.Tensor:
@@ -94,9 +104,26 @@ def sampling_grid(centres_rc: torch.Tensor, params: dict, patch: int, size: int)
     cos, sin = torch.cos(params["angle"]), torch.sin(params["angle"])
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
     inv = inv / params["scale"][:, None, None]
+    if "aspect" in params:  # rows stretched by a, columns by 1/a, after the rotation
+        a = params["aspect"]
+        inv = inv * torch.stack([1.0 / a, a], -1)[:, None, :]
     src = torch.einsum("bij,bnj->bni", inv, rel) + (centres_rc.float() - 0.5)[:, None, :]
     norm = (2.0 * src + 1.0) / size - 1.0  # align_corners=False convention
     return norm.flip(-1).reshape(-1, patch, patch, 2)  # grid_sample wants (x=col, y=row)
+
+
+def bend_grid(grid: torch.Tensor, max_px: float, size: int, generator: torch.Generator | None = None,
+              knots: int = 4) -> torch.Tensor:
+    """Add a smooth random displacement of up to ``max_px`` slice pixels to ``grid_sample`` grids.
+
+    Each sample gets a ``knots`` x ``knots`` grid of uniform displacements, upsampled bilinearly
+    over the patch, so the anatomy bends as a whole (a spine with more or less lordosis, a
+    wedge-shaped body) while neighbouring pixels move together; image and label share the grid.
+    """
+    b, h, w, _ = grid.shape
+    coarse = (torch.rand((b, 2, knots, knots), device=grid.device, generator=generator) * 2 - 1) * max_px
+    field = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
+    return grid + field.permute(0, 2, 3, 1) * (2.0 / size)
 
 
 def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids: torch.Tensor,
@@ -299,6 +326,8 @@ class OnTheFlySampler:
             params = transform_parameters(self.ranges, self.batch_size, device, generator=self.generator)
         centres = self.centres[pick]
         grid = sampling_grid(centres[:, 1:], params, self.patch, self.images.shape[-1])
+        if self.ranges.elastic_px > 0:
+            grid = bend_grid(grid, self.ranges.elastic_px, self.images.shape[-1], self.generator)
         x, y = sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
         x = augment_intensity(x, self.intensity, self.generator)
         if self.fov_cut > 0:

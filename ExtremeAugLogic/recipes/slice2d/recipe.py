@@ -29,6 +29,8 @@ DEFAULTS_2D = {
     "rotation_deg": 20.0,
     "scale": [0.8, 1.2],
     "translation_px": 25.0,      # px of the resampled slice: the paper's 50 px of 256 px
+    "aspect": 1.0,               # rows stretched by a in [1/a, a], columns by 1/a (augment.sampling_grid)
+    "elastic_px": 0.0,           # smooth bending, displacements up to this many px (augment.bend_grid)
     "padding": "zeros",          # outside the slice: zeros | reflection | reflection-background (augment.sample_patches)
     # Intensity augmentation (augment.IntensityRanges), chosen with the cross-scan protocol
     # (docs/results/generalisation-explore): with it, 3 training scans x 14 unseen scans went from
