@@ -119,6 +119,8 @@ def bend_grid(grid: torch.Tensor, max_px: float, size: int, generator: torch.Gen
     Each sample gets a ``knots`` x ``knots`` grid of uniform displacements, upsampled bilinearly
     over the patch, so the anatomy bends as a whole (a spine with more or less lordosis, a
     wedge-shaped body) while neighbouring pixels move together; image and label share the grid.
+    A fresh bend for every sample (drawn from ``generator``), outside the level-N fixed
+    transforms: the offline N-fold dataset has none.
     """
     b, h, w, _ = grid.shape
     coarse = (torch.rand((b, 2, knots, knots), device=grid.device, generator=generator) * 2 - 1) * max_px
