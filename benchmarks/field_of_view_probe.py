@@ -42,7 +42,7 @@ def probe(workspace: Path, folder: Path, cases: list[str]) -> dict:
     import SimpleITK as sitk
 
     from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model
-    from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
+    from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
     from ExtremeAugLogic.workspace import Workspace
 
     recipe, config, model, _ = load_model(Workspace(workspace), None, "cpu")

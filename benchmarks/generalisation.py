@@ -108,13 +108,13 @@ def _engine_env() -> dict:
 def score(prediction, reference, labels: list[int]) -> dict:
     """Dice (binary, per structure, mean) and HD95 of one prediction (path, image or array), engine's evaluation."""
     from ExtremeAugLogic.evaluation import dice_scores, hausdorff95
-    from ExtremeAugLogic.workspace.imageio import read_label
+    from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_label
 
     ref = read_label(reference) if isinstance(reference, (str, Path)) else reference
     pred = read_label(prediction, reference=ref, reference_name=str(reference), allow_empty=True) \
         if isinstance(prediction, (str, Path)) else prediction
     dice = dice_scores(pred, ref, labels)
-    hd = hausdorff95(pred, ref, labels=labels, spacing=tuple(reversed(ref.GetSpacing())))
+    hd = hausdorff95(pred, ref, labels=labels, spacing=case_spacing_zyx(ref))
     present = [lab for lab in labels if hd[lab] is not None and lab in _present(ref)]
     return {"binary_dice": dice["binary_dice"], "mean_dice": dice["mean_dice"],
             "per_structure": {str(k): v for k, v in dice["per_structure"].items()},
@@ -138,7 +138,7 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
     from ExtremeAugLogic.evaluation import dice_scores
     from ExtremeAugLogic.inference import (DEFAULT_MIN_COMPONENT_FRACTION, OBJECT_RULES, labels_from_probabilities,
                                            load_model, to_label_image)
-    from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
+    from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
     from ExtremeAugLogic.workspace import Workspace
     from ExtremeAugLogic.workspace.imageio import read_image, read_label
 

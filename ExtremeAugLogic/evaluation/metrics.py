@@ -27,7 +27,7 @@ from monai.metrics import compute_hausdorff_distance
 
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.workspace import overlap
-from ExtremeAugLogic.workspace.imageio import grid_difference, read_label
+from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, grid_difference, read_label
 
 # ---------------------------------------------------------------- Dice
 
@@ -93,7 +93,7 @@ def _spacing(spacing, *images) -> tuple:
         return values
     for image in images:
         if isinstance(image, sitk.Image):
-            return tuple(float(s) for s in reversed(image.GetSpacing()))
+            return case_spacing_zyx(image)
     return (1.0,) * np.ndim(_array(images[0], "reference"))
 
 

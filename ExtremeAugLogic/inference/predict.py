@@ -23,7 +23,7 @@ from ExtremeAugLogic.inference.postprocess import DEFAULT_MIN_COMPONENT_FRACTION
 from ExtremeAugLogic.inference.structure_order import assign_structures
 from ExtremeAugLogic.recipes.base import RecipeConfig
 from ExtremeAugLogic.recipes.registry import make_recipe
-from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
+from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
 from ExtremeAugLogic.workspace import atomic, imageio
 from ExtremeAugLogic.manifest_check import check_version_config
 

@@ -27,7 +27,7 @@ import numpy as np
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model, to_label_image
-from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
+from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
 from ExtremeAugLogic.workspace import atomic, imageio, locking, waiting_predictions
 from ExtremeAugLogic.workspace.status import now_iso
 

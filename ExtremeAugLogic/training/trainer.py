@@ -40,7 +40,7 @@ from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import (labels_from_probabilities, load_model, load_weights, read_config,
                                                save_model, to_label_image)
 from ExtremeAugLogic.recipes.registry import make_recipe
-from ExtremeAugLogic.recipes.volume3d.fingerprint import case_spacing_zyx
+from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
 from ExtremeAugLogic.training import distributed
 from ExtremeAugLogic.training.plots import plot_training
 from ExtremeAugLogic.workspace import CaseData, Workspace, atomic, imageio, status as status_mod

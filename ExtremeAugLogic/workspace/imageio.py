@@ -22,6 +22,17 @@ MAX_LABEL_VALUE = 65535
 
 # ---------------------------------------------------------------- reading files
 
+
+def case_spacing_zyx(image: sitk.Image) -> tuple:
+    """Spacing of a SimpleITK image in array order (z, y, x)."""
+    return tuple(float(s) for s in reversed(image.GetSpacing()))
+
+
+def case_shape_zyx(image: sitk.Image) -> tuple:
+    """Size of a SimpleITK image in array order (z, y, x)."""
+    return tuple(int(s) for s in reversed(image.GetSize()))
+
+
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read a 3D scalar scan as float32; raise InputError if it is not usable."""
     image = _read_file(path)

@@ -833,8 +833,8 @@ class Workspace:
 
 def _slice_axis(image: sitk.Image) -> int:
     """The numpy axis a clinician draws slice by slice: the acquisition plane (largest spacing, then fewest voxels)."""
-    spacing = tuple(reversed(image.GetSpacing()))
-    size = tuple(reversed(image.GetSize()))
+    spacing = imageio.case_spacing_zyx(image)
+    size = imageio.case_shape_zyx(image)
     return min(range(3), key=lambda a: (-round(spacing[a], 3), size[a]))
 
 

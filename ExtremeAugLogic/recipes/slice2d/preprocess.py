@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import ScaleIntensityRangePercentiles
 
+from ExtremeAugLogic.workspace import imageio
+
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # LPS component of the normal
 
 
@@ -211,7 +213,7 @@ def preprocess_case(image: sitk.Image, label: sitk.Image | None, settings: dict,
                     template: list[float] | None) -> SliceStack:
     """Apply the switchable preprocessing of ``settings`` to one scan (and its label)."""
     axis = choose_slice_axis(image, settings.get("slice_axis", "auto"))
-    spacing_zyx = tuple(reversed(image.GetSpacing()))
+    spacing_zyx = imageio.case_spacing_zyx(image)
     volume = normalise_intensity(image, settings.get("intensity", "match"), template)
     geometry = plan_slices(volume.shape, spacing_zyx, axis, int(settings.get("inplane_size", 256)),
                            settings.get("inplane_fit", "pad"))

@@ -43,16 +43,6 @@ BYTES_PER_VALUE = 4              # float32 activations
 ACTIVATION_FACTOR = 24
 
 
-def case_spacing_zyx(image) -> tuple:
-    """Spacing of a SimpleITK image in array order (z, y, x)."""
-    return tuple(float(s) for s in reversed(image.GetSpacing()))
-
-
-def case_shape_zyx(image) -> tuple:
-    """Size of a SimpleITK image in array order (z, y, x)."""
-    return tuple(int(s) for s in reversed(image.GetSize()))
-
-
 def resampled_shape(shape, spacing, target_spacing) -> tuple:
     """Voxels per axis covering the same extent at ``target_spacing`` (at least 1)."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))

@@ -22,6 +22,7 @@ from ExtremeAugLogic.recipes.base import CaseData, PreparedCase, ProgressCallbac
 from ExtremeAugLogic.recipes.volume3d import augment as augment3d, fingerprint as fingerprint3d
 from ExtremeAugLogic.recipes.volume3d.network import build_resenc3d
 from ExtremeAugLogic.recipes.windows import window_probabilities
+from ExtremeAugLogic.workspace import imageio
 
 DEFAULTS_3D = {
     "base_features": 6,
@@ -63,8 +64,8 @@ class Recipe3D(Recipe):
     # -- configuration ---------------------------------------------------------------------
     def fit_config(self, cases: list[CaseData], num_classes: int) -> dict:
         """``num_classes`` counts the background (K + 1 output channels)."""
-        shapes = [fingerprint3d.case_shape_zyx(c.image) for c in cases]
-        spacings = [fingerprint3d.case_spacing_zyx(c.image) for c in cases]
+        shapes = [imageio.case_shape_zyx(c.image) for c in cases]
+        spacings = [imageio.case_spacing_zyx(c.image) for c in cases]
         settings = {k: (str(v) if k == "device" and v is not None else v) for k, v in self.settings.items()}
         device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         config = fingerprint3d.configure(shapes, spacings, int(num_classes), settings,
