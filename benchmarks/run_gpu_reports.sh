@@ -5,6 +5,8 @@
 #   benchmarks/run_gpu_reports.sh loop       # ~9.5 min: the vertebra loop (1 min, warm retrains of 0.25 min,
 #                                            # 2 rounds), then the protocol with the worklist (self-training)
 #                                            # as far as the time goes; results kept in .gpu/results between calls
+#   benchmarks/run_gpu_reports.sh sweep      # ~8 min: the variants of benchmarks/sweep-variants.txt x 5 training
+#                                            # scans, 12 runs at a time on the one GPU (benchmarks/sweep.py)
 # Expects, beside the checkout's files: .gpu/sitk.tar.xz (an unpacked SimpleITK wheel, xz-packed to
 # fit the transfer), .gpu/monai-*.whl, .gpu/data/spine-vb (a copy of the shared scans); writes to $OUT.
 set -u
@@ -36,5 +38,12 @@ case "${1:-smoke}" in
       --train-cases ${TRAIN_CASES:-vb01 vb07 vb13 vb04 vb10} --label gpu-1min-selftrain \
       --out .gpu/results/generalisation-vb-gpu-1min-selftrain.md 2>&1 | tail -30
     cp .gpu/results/*.md .gpu/results/*.json .gpu/results/*.png "$OUT"/ 2>/dev/null ;;
+  sweep)
+    mkdir -p .gpu/sweep
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 15 > .gpu/sweep/gpu-load.csv 2>&1 &
+    timeout ${SWEEP_SECONDS:-500} $PY benchmarks/sweep.py --variants ${VARIANTS:-benchmarks/sweep-variants.txt} \
+      --out-dir .gpu/sweep --device cuda --jobs ${JOBS:-12} --deadline-min ${DEADLINE_MIN:-7.3} 2>&1 | tail -50
+    kill %1 2>/dev/null
+    tar czf "$OUT/sweep.tgz" -C .gpu sweep ;;
 esac
 ls -la "$OUT"

@@ -190,6 +190,7 @@ class _Trainer:
                                            rank=self.place.rank)
         self.sampler, self.train_cases, self.pseudo_done = sampler, train_cases, False
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.averaged = None  # the running mean of the weights (average_weights)
         self.train_model = self.place.wrap(model)  # DistributedDataParallel on several processes
         self._loop(sampler, self.recipe.loss_function(config), start_iteration, elapsed_before)
         return self._finish_done()
@@ -291,6 +292,7 @@ class _Trainer:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
+            self._average_weights(fraction)
             iteration += 1
             losses.append(self.place.mean(float(loss.detach())))
             elapsed = time.monotonic() - start
@@ -313,9 +315,26 @@ class _Trainer:
                 self._save_checkpoint(iteration, time.monotonic() - start)
                 last_ckpt = now
         bar.close()
+        if self.averaged is not None:  # the saved model is the mean of the last weights
+            self.model.load_state_dict(self.averaged.module.state_dict())
         self.iterations, self.seconds = iteration, time.monotonic() - start
         self._log(iteration, self.seconds, losses, None)
         self._save_checkpoint(iteration, self.seconds)
+
+    def _average_weights(self, fraction: float) -> None:
+        """Over the last ``average_weights`` of the budget, keep the running mean of the weights.
+
+        torch's AveragedModel; the network's instance norms hold no running statistics, so the
+        mean needs no pass over the data afterwards. A resumed training starts a new mean.
+        """
+        share = float(self.config["settings"].get("average_weights", 0.0) or 0.0)
+        if not 0.0 <= share < 1.0:
+            raise InputError(f"average_weights must be in [0, 1), not {share}")
+        if share == 0.0 or fraction < 1.0 - share:
+            return
+        if self.averaged is None:
+            self.averaged = torch.optim.swa_utils.AveragedModel(self.model)
+        self.averaged.update_parameters(self.model)
 
     # ------------------------------------------------------------------ unlabeled scans
     def _pseudo_label_due(self, fraction: float) -> bool:

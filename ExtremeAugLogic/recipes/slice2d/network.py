@@ -23,10 +23,10 @@ class ResUNet2D(nn.Module):
     """Residual U-Net for (B, in_channels, H, W) inputs with H and W divisible by 2**depth."""
 
     def __init__(self, out_channels: int, base_features: int = 16, depth: int = 5,
-                 max_features: int = 256, norm: str = "INSTANCE", in_channels: int = 1):
+                 max_features: int = 256, norm: str = "INSTANCE", in_channels: int = 1, dropout: float = 0.0):
         super().__init__()
         feats = stage_features(base_features, depth, max_features)
-        block = dict(spatial_dims=2, kernel_size=3, act="RELU", norm=norm)
+        block = dict(spatial_dims=2, kernel_size=3, act="RELU", norm=norm, dropout=dropout or None)
         self.depth = depth
         self.stem = ResidualUnit(in_channels=in_channels, out_channels=feats[0], strides=1, **block)
         self.down = nn.ModuleList(

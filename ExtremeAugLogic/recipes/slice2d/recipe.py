@@ -71,6 +71,8 @@ DEFAULTS_2D = {
     "base_features": 8,
     "max_features": 128,
     "depth": 5,
+    "dropout": 0.0,              # dropout in every residual unit (regularises a one-scan model)
+    "average_weights": 0.0,      # the saved model is the mean of the weights over this last fraction of the budget
     "overlap": 0.5,
     "offline_dir": None,         # read an offline N-fold dataset instead of augmenting live
 }
@@ -128,7 +130,7 @@ class Recipe2D(Recipe):
     def build_model(self, config: dict):
         s = config["settings"]
         return ResUNet2D(_out_channels(config), s["base_features"], s["depth"], s["max_features"],
-                         in_channels=_in_channels(s))
+                         in_channels=_in_channels(s), dropout=float(s.get("dropout", 0.0)))
 
     def preprocess(self, config: dict, image, label=None) -> PreparedCase:
         """Square slices of the scan (and label) along the slice axis, with the slice plan."""
