@@ -533,7 +533,8 @@ def main(argv=None) -> int:
         cfg["train_cases"] = list(dict.fromkeys(train_cases + [r["train_case"] for r in results["runs"].values()]))
         todo = [(case, m) for case in train_cases for m in args.methods if f"{m}/{case}" not in results["runs"]]
         skipped = len(train_cases) * len(args.methods) - len(todo)
-        print(f"generalisation {args.set} ({args.label}): {len(todo)} training runs of {args.minutes:g} min to do"
+        budget = f"{args.iterations} iterations" if args.iterations else f"{args.minutes:g} min"
+        print(f"generalisation {args.set} ({args.label}): {len(todo)} training runs of {budget} to do"
               + (f", {skipped} already in {json_path}" if skipped else "") + f"; machine: {machine()}", flush=True)
         overhead = {"ours": [], "baseline": []}  # measured seconds beyond the budget, per validation scan count
         for k, (case, method) in enumerate(todo, start=1):
@@ -543,7 +544,7 @@ def main(argv=None) -> int:
                 n = len(validation_for(c2, all_cases, args.validate_cases))
                 extra = np.mean(overhead[m2]) if overhead[m2] else 30.0 + 8.0 * n
                 remaining += args.minutes * 60 + extra
-            print(f"[{k}/{len(todo)}] {method} {case}: train {args.minutes:g} min, then predict "
+            print(f"[{k}/{len(todo)}] {method} {case}: train {budget}, then predict "
                   f"{len(validate)} scans; {_eta(remaining)}", flush=True)
             work = Path(tempfile.mkdtemp(prefix=f"generalisation-{method}-{case}-"))
             start = time.monotonic()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,8 +91,12 @@ def merge(out_dir: Path) -> list[Path]:
         if not results["runs"]:
             continue
         out = out_dir / f"sweep-{label}.md"
+        cases = " ".join(results["config"]["train_cases"])
+        command = re.sub(r" --out \S+", "", re.sub(r"--train-cases \S+", f"--train-cases {cases}",
+                                                    results["config"]["command"]))
+        results["config"]["command"] = f"{command}  (one run per training scan, merged by benchmarks/sweep.py)"
         generalisation.save_results(out.with_suffix(".json"), results)
-        out.write_text(generalisation.render(results, results["config"]["command"] + "  (merged by sweep.py)", None))
+        out.write_text(generalisation.render(results, results["config"]["command"], None))
         written.append(out.with_suffix(".json"))
     return written
 

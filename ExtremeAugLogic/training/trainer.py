@@ -327,9 +327,7 @@ class _Trainer:
         torch's AveragedModel; the network's instance norms hold no running statistics, so the
         mean needs no pass over the data afterwards. A resumed training starts a new mean.
         """
-        share = float(self.config["settings"].get("average_weights", 0.0) or 0.0)
-        if not 0.0 <= share < 1.0:
-            raise InputError(f"average_weights must be in [0, 1), not {share}")
+        share = float(self.config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe
         if share == 0.0 or fraction < 1.0 - share:
             return
         if self.averaged is None:

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from ExtremeAugLogic.demo import phantom
+from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation import dice_scores
 from ExtremeAugLogic.workspace.imageio import read_label, write_image
 from ExtremeAugLogic.inference import load_model, predict_array, predict_file
@@ -209,3 +210,39 @@ def test_self_training_on_unlabeled_scans_raises_dice_on_held_back_scans(tmp_pat
         dice[unlabeled] = sum(scores) / len(scores)
     assert dice[True] > dice[False] + 0.15, dice
     assert dice[True] > 0.65, dice
+
+
+def _weights(ws, version):
+    return torch.load(ws.model_dir(version) / "model.pt", weights_only=True)
+
+
+def test_dropout_and_weight_averaging_change_the_saved_model_and_load(tmp_path):
+    """Same seed, same data: training is repeatable, and averaging the last weights changes what is saved."""
+    files = _phantom_files(tmp_path, [51, 52], shape=(48, 48, 16))
+    ws = Workspace.create(tmp_path / "ws", structure_names={1: "vertebra"})
+    ws.add_case(*files[0])
+    small = {**SMALL, "inplane_size": 64, "depth": 3}
+    runs = {}
+    for name, extra in (("plain", {}), ("again", {}), ("averaged", {"average_weights": 0.5}),
+                        ("dropout", {"dropout": 0.2})):
+        result = train(TrainRequest(str(ws.path), iterations=12, settings={**small, **extra}, progress_bar=False))
+        runs[name] = _weights(ws, result["version"])
+    same = lambda a, b: all(torch.equal(runs[a][k], runs[b][k]) for k in runs[a])
+    assert same("plain", "again")
+    assert not same("plain", "averaged") and not same("plain", "dropout")
+    assert runs["dropout"].keys() == runs["plain"].keys()  # dropout adds no weights: models stay loadable
+    recipe, config, model, _ = load_model(ws, None, "cpu")  # the dropout model, the newest best
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.modules()) and not model.training
+    image = sitk.ReadImage(str(files[1][0]), sitk.sitkFloat32)
+    first, second = (predict_array(recipe, config, model, image, "cpu") for _ in range(2))
+    assert np.array_equal(first, second)  # no dropout at prediction
+
+
+@pytest.mark.parametrize("setting", [{"average_weights": 1.0}, {"dropout": -0.1}, {"dropout": "high"}])
+def test_a_bad_dropout_or_averaging_share_is_refused_before_anything_is_written(tmp_path, setting):
+    files = _phantom_files(tmp_path, [53], shape=(48, 48, 16))
+    ws = Workspace.create(tmp_path / "ws", structure_names={1: "vertebra"})
+    ws.add_case(*files[0])
+    with pytest.raises(InputError, match=f"{next(iter(setting))} must be a number in \\[0, 1\\)"):
+        train(TrainRequest(str(ws.path), iterations=5, settings={**SMALL, **setting}, progress_bar=False))
+    assert ws.manifest()["versions"] == []

@@ -115,6 +115,10 @@ class Recipe2D(Recipe):
             raise InputError(f"preset {preset!r}: must be default or paper")
         base = PAPER_2D if preset == "paper" else DEFAULTS_2D
         self.settings = {**base, **settings, "preset": preset or "default"}
+        for key in ("dropout", "average_weights"):
+            value = self.settings[key]
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise InputError(f"{key} must be a number in [0, 1), not {value!r}")
 
     @classmethod
     def default_settings(cls) -> dict:
