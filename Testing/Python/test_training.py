@@ -188,7 +188,10 @@ def test_self_training_on_unlabeled_scans_raises_dice_on_held_back_scans(tmp_pat
     With the default self-training the worklist teaches the model the other contrast: on this
     set, 800 iterations, Dice on three held-back T1 phantoms 0.34 -> 0.82 (seed 0; 0.46 -> 0.75
     with seed 1). Without a contrast shift self-training costs a little (0.875 -> 0.855); see
-    docs/results/generalisation-explore/README.md.
+    docs/results/generalisation-explore/README.md. Random convolutions (a default since) are
+    off here: they carry part of the contrast transfer themselves and make this gain depend on
+    the seed (seeds 0 / 1 / 2: 0.52 -> 0.48, 0.41 -> 0.82, 0.52 -> 0.77), so the test would no
+    longer isolate self-training.
     """
     delineated = _phantom_files(tmp_path, [11])[0]
     worklist = _phantom_files(tmp_path, [40, 41, 42, 43], contrast="t1")
@@ -200,8 +203,8 @@ def test_self_training_on_unlabeled_scans_raises_dice_on_held_back_scans(tmp_pat
         for image_path, _ in worklist:
             ws.add_to_worklist(image_path)
         torch.manual_seed(0)
-        result = train(TrainRequest(str(ws.path), iterations=800, settings=SMALL, progress_bar=False,
-                                    unlabeled=unlabeled, seed=0))
+        result = train(TrainRequest(str(ws.path), iterations=800, settings={**SMALL, "random_conv": 0.0},
+                                    progress_bar=False, unlabeled=unlabeled, seed=0))
         if unlabeled:
             assert len(ws.version(result["version"])["pseudo_labels"]["used"]) >= 2
         recipe, config, model, _ = load_model(ws, None, "cpu")
