@@ -48,7 +48,7 @@ def run_all(args, variants: list[dict]) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     todo = [(case, v) for case in args.train_cases for v in variants]
     deadline = time.monotonic() + args.deadline_min * 60
-    running: list[tuple[subprocess.Popen, str]] = []
+    running: list[tuple[subprocess.Popen, str]] = []  # each run writes its own log file
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     while todo or running:
         for proc, name in list(running):
@@ -69,8 +69,8 @@ def run_all(args, variants: list[dict]) -> None:
                    "--device", args.device, "--label", v["label"], "--seed", str(args.seed),
                    "--out", str(runs_dir / f"{name}.md")]
             cmd += [x for opt in v["options"] for x in ("--set-option", opt)]
-            log = open(runs_dir / f"{name}.log", "w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name))
+            with open(runs_dir / f"{name}.log", "w") as log:  # the child keeps its own copy of the handle
+                running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name))
             print(f"{time.strftime('%H:%M:%S')} start {name}", flush=True)
         time.sleep(2)
 
