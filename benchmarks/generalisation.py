@@ -138,9 +138,8 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
     from ExtremeAugLogic.evaluation import dice_scores
     from ExtremeAugLogic.inference import (DEFAULT_MIN_COMPONENT_FRACTION, OBJECT_RULES, labels_from_probabilities,
                                            load_model, to_label_image)
-    from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
     from ExtremeAugLogic.workspace import Workspace
-    from ExtremeAugLogic.workspace.imageio import read_image, read_label
+    from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_image, read_label
 
     ws, log = work / "ws", work / "engine.log"
     names = {str(k): v for k, v in structure_names(args.set).items()}

@@ -190,7 +190,8 @@ class _Trainer:
                                            rank=self.place.rank)
         self.sampler, self.train_cases, self.pseudo_done = sampler, train_cases, False
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.averaged = None  # the running mean of the weights (average_weights)
+        self.averaged = None  # the running mean of the weights over the last average_share of the budget
+        self.average_share = float(config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe
         self.train_model = self.place.wrap(model)  # DistributedDataParallel on several processes
         self._loop(sampler, self.recipe.loss_function(config), start_iteration, elapsed_before)
         return self._finish_done()
@@ -327,8 +328,7 @@ class _Trainer:
         torch's AveragedModel; the network's instance norms hold no running statistics, so the
         mean needs no pass over the data afterwards. A resumed training starts a new mean.
         """
-        share = float(self.config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe
-        if share == 0.0 or fraction < 1.0 - share:
+        if self.average_share == 0.0 or fraction < 1.0 - self.average_share:
             return
         if self.averaged is None:
             self.averaged = torch.optim.swa_utils.AveragedModel(self.model)
