@@ -25,6 +25,8 @@ $PY -m ExtremeAugLogic experiment --data ../shared/data/spine-ivd --train ivd11 
 mkdir -p $R/grid-ivd && cp /tmp/grid-ivd/report.md /tmp/grid-ivd/*.png /tmp/grid-ivd/results.json $R/grid-ivd/
 # the cross-scan protocol at the default 8-minute budget, ours against the plain MONAI script
 # (about 95 minutes for the vertebrae, 50 for the discs), and the disc loop (about 20 minutes)
-$PY $B/generalisation.py --set vb --unlabeled --label selftrain-8min --out $R/generalisation-vb-8min-selftrain.md
+$PY $B/generalisation.py --set vb --unlabeled --label selftrain-randconv-8min --out $R/generalisation-vb-8min-selftrain-randconv.md
 $PY $B/generalisation.py --set ivd --train-cases ivd11 ivd20 ivd25 --label 8min-3scans --out $R/generalisation-ivd-8min-3scans.md
 $PY $B/loop.py --set ivd --start ivd11 --rounds 2 --out $R/loop-ivd.md
+# the vertebra loop with today's defaults, two warm rounds in both orders (about 20 minutes)
+$PY $B/loop.py --set vb --start vb01 --rounds 2 --runs added/warm uncertainty/warm --out $R/loop-vb-randconv.md
