@@ -51,7 +51,8 @@ DEFAULTS_2D = {
     # A random shallow-network blend for half the samples (augment.random_convolution): at 8 minutes,
     # 5 training scans x 14 with the worklist, 0.814 / 0.707 -> 0.823 / 0.714, binary better on 4 of 5
     # runs, per vertebra on 3, worst pair 0.692 -> 0.701, at no CPU cost; at 1000 iterations on the GPU
-    # 0.805 / 0.694 -> 0.816 / 0.708 (generalisation-explore, tenth round).
+    # 0.805 / 0.694 -> 0.816 / 0.708 (generalisation-explore, tenth round). A second 8-minute run, both
+    # methods: 0.825 / 0.693 against the plain script's 0.764 / 0.398 (eleventh round).
     "random_conv": 0.5,
     "fov_cut": 0.0,              # probability of ending a sample's field of view early at one edge
     "fov_cut_max": 0.4,          # ... by up to this fraction of the patch (augment.cut_field_of_view)
