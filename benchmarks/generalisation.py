@@ -131,16 +131,58 @@ def _present(reference) -> set:
 
 # ---------------------------------------------------------------- the two methods
 
-def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path, labels: list[int]) -> dict:
+def score_version(ws: Path, version: str, train_case: str, validate: list[str], device_name: str, data: Path,
+                  labels: list[int]):
+    """(config, scores with the model's own rule, {rule: {scan: Dice}}) of a trained workspace version.
+
+    One probability map per scan; every rule that turns probabilities into labels is scored on it.
+    """
     import SimpleITK as sitk
 
     from ExtremeAugLogic.devices import resolve_device
     from ExtremeAugLogic.evaluation import dice_scores
     from ExtremeAugLogic.inference import (DEFAULT_MIN_COMPONENT_FRACTION, OBJECT_RULES, labels_from_probabilities,
                                            load_model, to_label_image)
+    from ExtremeAugLogic.inference.level_range import LevelGuide
     from ExtremeAugLogic.workspace import Workspace
     from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_image, read_label
 
+    workspace = Workspace.open(ws)
+    device = resolve_device(device_name)
+    recipe, config, model, _ = load_model(workspace, version, device)
+    default_rule = config.settings.get("objects", "off")
+    # the training scan registered onto each scan: where its first and last levels land (level_range);
+    # the rules with "+range" drop the objects well beyond them, the default does when the model asks
+    train_image = read_image(data / f"{train_case}_image.nii.gz")
+    order = config.get("structure_order")
+    guide = LevelGuide([(train_image, read_label(data / f"{train_case}_label.nii.gz", reference=train_image))],
+                       order) if order else None
+    guided = config.settings.get("level_range", "off") == "registration"
+    range_rules = [rule for rule in ("ordered", "ordered-split") if guide]
+    scores, by_rule = {}, {rule: {} for rule in [*OBJECT_RULES, *(f"{r}+range" for r in range_rules)]}
+    for case in validate:
+        image = read_image(data / f"{case}_image.nii.gz")
+        reference = read_label(data / f"{case}_label.nii.gz", reference=image)
+        start = time.perf_counter()
+        probabilities = recipe.predict_probabilities(model, config, image, device)
+        spacing = case_spacing_zyx(image)
+        level_range = guide.range_for(image) if guide and guided else None
+        labels_default = labels_from_probabilities(probabilities, config, default_rule, DEFAULT_MIN_COMPONENT_FRACTION,
+                                                   spacing, level_range)
+        seconds = time.perf_counter() - start
+        scores[case] = {**score(to_label_image(labels_default, image), reference, labels), "predict_s": round(seconds, 2)}
+        if guide and not guided:
+            level_range = guide.range_for(image)
+        for rule in by_rule:
+            base, _, ranged = rule.partition("+")
+            labelled = labels_from_probabilities(probabilities, config, base, DEFAULT_MIN_COMPONENT_FRACTION, spacing,
+                                                 level_range if ranged else None)
+            dice = dice_scores(labelled, sitk.GetArrayViewFromImage(reference), labels)
+            by_rule[rule][case] = {"binary_dice": dice["binary_dice"], "mean_dice": dice["mean_dice"]}
+    return config, scores, by_rule
+
+
+def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path, labels: list[int]) -> dict:
     ws, log = work / "ws", work / "engine.log"
     names = {str(k): v for k, v in structure_names(args.set).items()}
     run_measured_child(engine("init", ws, "--names", json.dumps(names)), log)
@@ -155,31 +197,13 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
     version = json.loads((ws / "extremeaug.json").read_text())["versions"][-1]
     if version.get("status") != "done":
         raise RuntimeError(f"ours on {train_case}: version {version['name']} ended {version.get('status')}")
-    # one probability map per scan; each rule for structure labels scored on the same model
-    workspace = Workspace.open(ws)
-    device = resolve_device(args.device)
-    recipe, config, model, _ = load_model(workspace, version["name"], device)
-    default_rule = config.settings.get("objects", "off")
-    scores, by_rule = {}, {rule: {} for rule in OBJECT_RULES}
-    for case in validate:
-        image = read_image(data / f"{case}_image.nii.gz")
-        reference = read_label(data / f"{case}_label.nii.gz", reference=image)
-        start = time.perf_counter()
-        probabilities = recipe.predict_probabilities(model, config, image, device)
-        spacing = case_spacing_zyx(image)
-        labels_default = labels_from_probabilities(probabilities, config, default_rule, DEFAULT_MIN_COMPONENT_FRACTION,
-                                                   spacing)
-        seconds = time.perf_counter() - start
-        scores[case] = {**score(to_label_image(labels_default, image), reference, labels), "predict_s": round(seconds, 2)}
-        for rule in OBJECT_RULES:
-            labelled = labels_from_probabilities(probabilities, config, rule, DEFAULT_MIN_COMPONENT_FRACTION, spacing)
-            dice = dice_scores(labelled, sitk.GetArrayViewFromImage(reference), labels)
-            by_rule[rule][case] = {"binary_dice": dice["binary_dice"], "mean_dice": dice["mean_dice"]}
+    config, scores, by_rule = score_version(ws, version["name"], train_case, validate, args.device, data, labels)
     return {"iterations": int(version.get("iterations") or 0), "train_loop_s": version.get("seconds"),
             "train_wall_s": round(training["wall_s"], 2), "peak_rss_mib": _round(training["peak_rss_mib"]),
             "version": version["name"],
             "settings": {k: version["settings"].get(k) for k in ("level", "slice_axis", "patch_size", "batch_size")},
-            "scores": scores, "objects_rule": default_rule, "structure_order": config.get("structure_order"),
+            "scores": scores, "objects_rule": config.settings.get("objects", "off"),
+            "structure_order": config.get("structure_order"),
             "scores_by_objects_rule": by_rule}
 
 
@@ -348,7 +372,8 @@ def render(results: dict, command: str, png: Path | None) -> str:
 
 def _objects_rules(runs: dict) -> list[str]:
     """Ours, the same models and probabilities, with each rule that turns probabilities into labels."""
-    known = ("off", "per-object", "ordered", "ordered-aligned", "ordered-largest", "ordered-split")
+    known = ("off", "per-object", "ordered", "ordered-aligned", "ordered-largest", "ordered-split", "ordered+range",
+             "ordered-split+range")
     rules = [r for r in known if all(r in run.get("scores_by_objects_rule", {}) for run in runs.values())]
     if not runs or not rules:
         return []
@@ -357,7 +382,9 @@ def _objects_rules(runs: dict) -> list[str]:
              "anatomical order the training label showed, its chain the largest objects; ordered-aligned = the same, "
              "its chain chosen among all large objects (in reports of 2026-11-27 04:00-04:40, ordered was the aligned "
              "rule and ordered-largest today's ordered); ordered-split = ordered after cutting each object as long as "
-             "several structures (the training label's pitch) into as many. The gap binary - per-structure measures "
+             "several structures (the training label's pitch) into as many; +range = the same after dropping the objects "
+             "whose centroid lies more than 0.75 pitch beyond where the training scan's first and last structures "
+             "land once it is rigidly registered onto the scan (inference.level_range). The gap binary - per-structure measures "
              "level errors; against ordered: pairs whose per-structure Dice is more than 0.01 higher / lower.", "",
              "| rule | mean binary Dice | mean per-structure Dice | gap | worst pair per-structure | against ordered |",
              "|---|---|---|---|---|---|"]

@@ -10,9 +10,10 @@ from ExtremeAugLogic.evaluation.metrics import dice_scores
 from ExtremeAugLogic.inference.predict import predict_array
 
 
-def score_model(recipe, config, model, cases, device) -> dict | None:
+def score_model(recipe, config, model, cases, device, level_guide=None) -> dict | None:
     """Dice of ``model`` on ``cases`` (objects with ``case_id``, ``image``, ``label``); None for no case.
 
+    ``level_guide``: the model's ``inference.level_range.LevelGuide`` (its training scans), or None.
     Returns ``{"mean_dice", "binary_dice", "per_structure": {label: mean Dice},
     "per_case": {id: {"mean_dice", "binary_dice", "per_structure"}}, "cases": [ids]}``:
     means over the cases of each case's per-structure mean, binary (all structures as one)
@@ -23,7 +24,7 @@ def score_model(recipe, config, model, cases, device) -> dict | None:
     labels = list(range(1, int(config["num_classes"])))
     per_case = {}
     for case in cases:
-        prediction = predict_array(recipe, config, model, case.image, device)
+        prediction = predict_array(recipe, config, model, case.image, device, level_guide=level_guide)
         scores = dice_scores(prediction, sitk.GetArrayViewFromImage(case.label), labels=labels)
         per_case[case.case_id] = {"mean_dice": float(scores["mean_dice"]),
                                   "binary_dice": float(scores["binary_dice"]),

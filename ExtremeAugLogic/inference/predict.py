@@ -19,6 +19,7 @@ import torch
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
 from ExtremeAugLogic.errors import InputError
+from ExtremeAugLogic.inference.level_range import guide_for_version
 from ExtremeAugLogic.inference.postprocess import DEFAULT_MIN_COMPONENT_FRACTION, remove_specks
 from ExtremeAugLogic.inference.structure_order import assign_structures
 from ExtremeAugLogic.recipes.base import RecipeConfig
@@ -79,7 +80,7 @@ OBJECT_RULES = ("off", "per-object", "ordered", "ordered-aligned", "ordered-spli
 
 def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: str | None = None,
                               min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-                              spacing=None) -> np.ndarray:
+                              spacing=None, level_range=None) -> np.ndarray:
     """The label map (uint8) from class probabilities (K+1, z, y, x).
 
     ``objects`` (default: the model's ``objects`` setting, else "off"): "off" is the voxel-wise
@@ -91,7 +92,8 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     ``structure_order.assign_structures``); "ordered-split" is "ordered" after cutting every
     object as long as several structures into as many (the order's ``pitch_mm`` over the voxel
     size ``spacing``, in array-axis order, of the scan; without both it is "ordered").
-    Specks are removed last.
+    ``level_range`` (ordered rules only; ``level_range.LevelGuide.range_for``): objects lying well
+    beyond the expected first and last structures are background. Specks are removed last.
     """
     objects = objects or config["settings"].get("objects", "off")
     if objects not in OBJECT_RULES:
@@ -104,17 +106,18 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
         pitch = None
         if objects == "ordered-split" and order and order.get("pitch_mm") and spacing is not None:
             pitch = float(order["pitch_mm"]) / float(spacing[int(order["axis"])])
-        labels = assign_structures(probabilities, order, chain=chain, pitch=pitch)
+        labels = assign_structures(probabilities, order, chain=chain, pitch=pitch,
+                                   level_range=level_range if order else None)
     return remove_specks(labels, min_component_fraction)
 
 
 def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, tta: bool = False,
                   min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-                  progress=None, objects: str | None = None) -> np.ndarray:
-    """Label array (numpy order, uint8) for ``image``."""
+                  progress=None, objects: str | None = None, level_guide=None) -> np.ndarray:
+    """Label array (numpy order, uint8) for ``image``; ``level_guide``: a ``level_range.LevelGuide`` or None."""
     probabilities = recipe.predict_probabilities(model, config, image, device, tta=tta, progress=progress)
     return labels_from_probabilities(probabilities, config, objects, min_component_fraction,
-                                     case_spacing_zyx(image))
+                                     case_spacing_zyx(image), level_guide.range_for(image) if level_guide else None)
 
 
 def to_label_image(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -134,7 +137,8 @@ def predict_file(workspace, image_path, output_path, version: str | None = None,
     image = imageio.read_image(image_path)
     device = resolve_device(device)
     recipe, config, model, name = load_model(workspace, version, device)
-    labels = predict_array(recipe, config, model, image, device, tta, min_component_fraction, progress, objects)
+    labels = predict_array(recipe, config, model, image, device, tta, min_component_fraction, progress, objects,
+                           guide_for_version(workspace, name, config))
     imageio.write_image(to_label_image(labels, image), output_path)
     names = workspace.structure_names()
     found = [names.get(int(v), f"structure_{v}") for v in np.unique(labels) if v > 0]

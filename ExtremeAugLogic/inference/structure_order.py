@@ -30,6 +30,9 @@ FRAGMENT_FRACTION = 0.2
 MIN_SEPARATION = 1.0
 # An object at least this many pitches long along the order axis is cut into round(length / pitch).
 LONG_OBJECT_PITCHES = 1.5
+# With a level range, an object whose centroid lies more than this many pitches beyond the first
+# or last structure's expected centroid is not one of the labelled structures.
+BEYOND_RANGE_PITCHES = 0.75
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +320,28 @@ def _split_long(probabilities, ids, sizes, sums, axis, pitch, fragment_fraction)
     return _with_new_parts(sizes, sums, new_sizes, new_sums)
 
 
+def _drop_beyond_range(ids, sizes, axis, level_range, n_structures, pitch) -> None:
+    """Zero, in place, the objects whose centroid along ``axis`` lies beyond the level range.
+
+    ``level_range``: the expected centroids (first, last) of the first and last structures; the
+    margin is ``BEYOND_RANGE_PITCHES`` pitches (``pitch``, else the range over its gaps).
+    """
+    first, last = sorted(float(v) for v in level_range)
+    if not pitch:
+        pitch = (last - first) / max(n_structures - 1, 1)
+    margin = BEYOND_RANGE_PITCHES * pitch
+    shape = [1] * ids.ndim
+    shape[axis] = ids.shape[axis]
+    coordinate = np.broadcast_to(np.arange(ids.shape[axis], dtype=np.float64).reshape(shape), ids.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroid = np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=len(sizes)) / sizes
+    beyond = (sizes > 0) & ((centroid < first - margin) | (centroid > last + margin))
+    beyond[0] = False
+    if beyond.any() and ((sizes[1:] > 0) & ~beyond[1:]).any():  # a range that would leave nothing is not trusted
+        ids[beyond[ids]] = 0
+        sizes[beyond] = 0
+
+
 def _extent_along(ids: np.ndarray, axis: int, n_ids: int):
     """(first, last) index along ``axis`` of every id (-1 for ids absent)."""
     first = np.full(n_ids + 1, -1, dtype=np.int64)
@@ -449,13 +474,17 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
 def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_voxels: int = 0, *,
                       span_ratio: float = SPAN_RATIO, span_min_part: float = SPAN_MIN_PART,
                       fragment_fraction: float = FRAGMENT_FRACTION, chain: str = "largest",
-                      pitch: float | None = None) -> np.ndarray:
+                      pitch: float | None = None, level_range: tuple[float, float] | None = None) -> np.ndarray:
     """uint8 label map (z, y, x) with one structure label per 3D object.
 
     ``probabilities``: (K+1, z, y, x), channel 0 background. Steps:
 
     1. Objects: face-connected (6-neighbour) components of the foreground (``foreground_mask``);
        components smaller than ``min_voxels`` become background and play no further part.
+       With ``order`` and ``level_range`` (where the first and last structures' centroids are
+       expected along the order axis, e.g. from the delineated scans registered onto this one,
+       ``level_range.LevelGuide``), components whose centroid lies more than 0.75 pitch beyond
+       either end are background too: a vertebra above L1 or below L5 is not a lumbar level.
     2. Span rule: a component of at least ``fragment_fraction`` of the largest one is split when
        its summed probability for its second-best structure is at least ``span_ratio`` (0.35)
        of its best one AND, choosing voxel by voxel the more probable of those two structures,
@@ -508,6 +537,8 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
     if too_small.any():
         ids[too_small[ids]] = 0
         sizes[too_small] = 0
+    if order is not None and level_range is not None:
+        _drop_beyond_range(ids, sizes, int(order["axis"]), level_range, len(order["labels"]), pitch)
     sums = _summed_probabilities(probabilities, ids, n_ids)
     sizes, sums = _split_spanning(probabilities, ids, sizes, sums, span_ratio, span_min_part,
                                   fragment_fraction)

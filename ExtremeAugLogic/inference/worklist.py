@@ -26,6 +26,7 @@ import numpy as np
 
 from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import resolve_device
+from ExtremeAugLogic.inference.level_range import guide_for_version
 from ExtremeAugLogic.inference.predict import labels_from_probabilities, load_model, to_label_image
 from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
 from ExtremeAugLogic.workspace import atomic, imageio, locking, waiting_predictions
@@ -55,11 +56,13 @@ def predict_worklist(workspace, device: str = "auto", log=None) -> list[dict]:
         rival = workspace.version(best).get("trial_against")
         device = resolve_device(device)
         recipe, config, model, name = load_model(workspace, best, device)
+        guide = guide_for_version(workspace, name, config)
         done = []
         for row in todo:
             image = imageio.read_image(workspace.image_path(row["id"]))
             probabilities = recipe.predict_probabilities(model, config, image, device)
-            labels = labels_from_probabilities(probabilities, config, spacing=case_spacing_zyx(image))
+            labels = labels_from_probabilities(probabilities, config, spacing=case_spacing_zyx(image),
+                                               level_range=guide.range_for(image) if guide else None)
             label_path, record_path = workspace.worklist_prediction_files(row["id"])
             if rival is not None and row["state"] == "stale" and row["version"] == rival:
                 waiting_predictions.keep_as_previous(workspace.path, row["id"])

@@ -36,6 +36,7 @@ from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation.scoring import score_model
+from ExtremeAugLogic.inference.level_range import guide_for_version, guide_from_cases
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import (labels_from_probabilities, load_model, load_weights, read_config,
                                                save_model, to_label_image)
@@ -402,7 +403,8 @@ class _Trainer:
 
     # ------------------------------------------------------------------ validation
     def _validate(self, cases) -> dict | None:
-        return score_model(self.recipe, self.config, self.model, cases, self.device)
+        return score_model(self.recipe, self.config, self.model, cases, self.device,
+                           guide_from_cases(self.train_cases, self.config) if cases else None)
 
     def _periodic_validation(self, iteration, elapsed) -> None:
         self.status.update(phase="validating", message="validating")
@@ -456,7 +458,7 @@ class _Trainer:
             return
         self.status.update(message=f"scoring {best} on the same validation cases")
         recipe, config, model, _ = load_model(self.ws, best, self.device)
-        scores = score_model(recipe, config, model, self.val_cases, self.device)
+        scores = score_model(recipe, config, model, self.val_cases, self.device, guide_for_version(self.ws, best, config))
         self.ws.update_version(best, val_scores=scores, rescored_at=status_mod.now_iso())
 
     def _finish_stopped(self) -> dict:

@@ -348,3 +348,36 @@ def test_the_split_rule_converts_the_pitch_with_the_scan_spacing():
         assert np.array_equal(no_pitch, ordered)
     with pytest.raises(InputError, match="objects"):
         labels_from_probabilities(probabilities, config, "split")
+
+
+def shifted_chain():
+    """Six bodies along axis 0: an unlabelled one above L1 (z 1-7) that the probabilities call L1,
+    then L1..L5 (boxes 1..5) each called one level too high, L5 and the box below it both L5."""
+    labels = np.zeros((52, 16, 16), np.uint8)
+    for position in range(6):
+        labels[box_slices(position)] = position  # box 0 is the unlabelled extra one
+    probabilities = soft_probabilities(np.where(labels > 0, np.minimum(labels + 1, 5), 0))
+    extra = box_slices(0)
+    set_probabilities(probabilities, extra, {1: 0.9, 0: 0.1})
+    return labels, probabilities, extra
+
+
+def test_a_level_range_drops_the_body_beyond_the_first_level_and_mends_the_chain():
+    labels, probabilities, extra = shifted_chain()
+    centre = [np.mean([box_slices(p)[0].start, box_slices(p)[0].stop - 1]) for p in range(6)]
+    plain = assign_structures(probabilities, ORDER)
+    assert np.all(plain[extra] == 1) and np.all(plain[box_slices(1)] == 2)  # shifted by one
+    ranged = assign_structures(probabilities, ORDER, level_range=(centre[1], centre[5]))
+    assert np.all(ranged[extra] == 0)  # 1 pitch (8 voxels) above L1's expected centroid: not a level
+    assert np.array_equal(ranged[labels > 0], labels[labels > 0])
+    # within 0.75 pitch of the range the body stays; the range needs the order
+    near = assign_structures(probabilities, ORDER, level_range=(centre[1] - 3, centre[5]))
+    assert np.all(near[extra] > 0)
+    assert np.array_equal(assign_structures(probabilities, level_range=(centre[1], centre[5])),
+                          assign_structures(probabilities))
+
+
+def test_a_level_range_that_would_leave_nothing_is_not_trusted():
+    labels, probabilities, _ = shifted_chain()
+    far = assign_structures(probabilities, ORDER, level_range=(200.0, 300.0))
+    assert np.array_equal(far, assign_structures(probabilities, ORDER))
