@@ -70,7 +70,10 @@ class LevelGuide:
         axis = int(self.order["axis"])
         firsts, lasts = [], []
         for atlas_image, atlas_label in self.atlases:
-            transform = rigid_transform(image, atlas_image)
+            try:
+                transform = rigid_transform(image, atlas_image)
+            except RuntimeError:  # ITK gave up (e.g. no overlap left): this guide says nothing
+                continue
             warped = sitk.GetArrayFromImage(sitk.Resample(atlas_label, image, transform, sitk.sitkNearestNeighbor,
                                                           0, atlas_label.GetPixelID()))
             first, last = _centroid_along(warped, first_label, axis), _centroid_along(warped, last_label, axis)

@@ -81,3 +81,16 @@ def test_a_bad_level_range_is_refused_in_one_line_with_nothing_written(tmp_path,
     assert (ws.path / "extremeaug.json").read_text() == before
     models = ws.path / "models"
     assert not models.exists() or not any(models.iterdir())
+
+
+def test_a_registration_that_fails_gives_no_range_instead_of_an_error(monkeypatch):
+    from ExtremeAugLogic.inference import level_range
+
+    atlas_image, atlas_label = phantom.make_phantom(3)
+    order = detect_structure_order([sitk.GetArrayViewFromImage(atlas_label)])
+
+    def gives_up(fixed, moving):
+        raise RuntimeError("All samples map outside moving image buffer")
+
+    monkeypatch.setattr(level_range, "rigid_transform", gives_up)
+    assert LevelGuide([(atlas_image, atlas_label)], order).range_for(atlas_image) is None
