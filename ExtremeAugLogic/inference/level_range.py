@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from ExtremeAugLogic.inference.structure_order import _positions_along
 from ExtremeAugLogic.workspace import imageio
 
 # Registration: shrink factors and smoothing (mm) per level, optimiser steps. One level
@@ -49,11 +50,10 @@ def rigid_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     return method.Execute(fixed, moving)
 
 
-def _centroid_along(label_array: np.ndarray, value: int, axis: int) -> float | None:
-    """Mean index along ``axis`` of the voxels holding ``value``; None when there are none."""
-    profile = (label_array == value).sum(axis=tuple(a for a in range(label_array.ndim) if a != axis))
-    total = profile.sum()
-    return float(profile @ np.arange(len(profile)) / total) if total else None
+def _wants_guide(config: dict) -> bool:
+    """True when the model asks for a guide and its training labels showed an order of two or more."""
+    order = config.get("structure_order")
+    return config["settings"].get("level_range", "off") == "registration" and bool(order) and len(order["labels"]) >= 2
 
 
 class LevelGuide:
@@ -76,10 +76,10 @@ class LevelGuide:
                 continue
             warped = sitk.GetArrayFromImage(sitk.Resample(atlas_label, image, transform, sitk.sitkNearestNeighbor,
                                                           0, atlas_label.GetPixelID()))
-            first, last = _centroid_along(warped, first_label, axis), _centroid_along(warped, last_label, axis)
-            if first is not None and last is not None:
-                firsts.append(first)
-                lasts.append(last)
+            counts, centroid, _ = _positions_along(warped.astype(np.int64), axis)
+            if max(first_label, last_label) < len(counts) and counts[first_label] and counts[last_label]:
+                firsts.append(float(centroid[first_label]))
+                lasts.append(float(centroid[last_label]))
         if not firsts:
             return None
         return float(np.median(firsts)), float(np.median(lasts))
@@ -91,15 +91,15 @@ def guide_from_cases(cases, config: dict) -> LevelGuide | None:
     None unless the config's ``level_range`` setting is "registration" and the training labels
     showed an order with at least two structures.
     """
-    order = config.get("structure_order")
-    if config["settings"].get("level_range", "off") != "registration" or not order or len(order["labels"]) < 2:
+    if not _wants_guide(config):
         return None
-    return LevelGuide([(case.image, case.label) for case in cases if case.label is not None], order)
+    return LevelGuide([(case.image, case.label) for case in cases if case.label is not None], config["structure_order"])
 
 
 def guide_for_version(workspace, version: str, config: dict) -> LevelGuide | None:
-    """The guide of a workspace model version: its training scans, read from the workspace."""
-    if config["settings"].get("level_range", "off") != "registration" or not config.get("structure_order"):
+    """The guide of a workspace model version: its training scans, read from the workspace (None as
+    ``guide_from_cases``)."""
+    if not _wants_guide(config):
         return None
     atlases = []
     for case_id in workspace.version(version).get("cases_seen", [])[:MAX_GUIDES]:

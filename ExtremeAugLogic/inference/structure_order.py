@@ -40,7 +40,10 @@ BEYOND_RANGE_PITCHES = 0.75
 # ---------------------------------------------------------------------------------------------
 
 def _positions_along(label_map: np.ndarray, axis: int):
-    """(voxel count, centroid, standard deviation) along ``axis`` for each label value."""
+    """(voxel count, centroid, standard deviation) along ``axis`` for each label value.
+
+    ``label_map`` must be int64: its histogram index (label x positions) overflows a uint8 map.
+    """
     n_positions = label_map.shape[axis]
     shape = [1] * label_map.ndim
     shape[axis] = n_positions
@@ -320,6 +323,15 @@ def _split_long(probabilities, ids, sizes, sums, axis, pitch, fragment_fraction)
     return _with_new_parts(sizes, sums, new_sizes, new_sums)
 
 
+def _centroids_along(ids: np.ndarray, sizes: np.ndarray, axis: int) -> np.ndarray:
+    """Mean index along ``axis`` of every id's voxels (``sizes``: voxels per id; nan where 0)."""
+    shape = [1] * ids.ndim
+    shape[axis] = ids.shape[axis]
+    coordinate = np.broadcast_to(np.arange(ids.shape[axis], dtype=np.float32).reshape(shape), ids.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=len(sizes)) / sizes
+
+
 def _drop_beyond_range(ids, sizes, axis, level_range, n_structures, pitch) -> None:
     """Zero, in place, the objects whose centroid along ``axis`` lies beyond the level range.
 
@@ -330,11 +342,7 @@ def _drop_beyond_range(ids, sizes, axis, level_range, n_structures, pitch) -> No
     if not pitch:
         pitch = (last - first) / max(n_structures - 1, 1)
     margin = BEYOND_RANGE_PITCHES * pitch
-    shape = [1] * ids.ndim
-    shape[axis] = ids.shape[axis]
-    coordinate = np.broadcast_to(np.arange(ids.shape[axis], dtype=np.float64).reshape(shape), ids.shape)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centroid = np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=len(sizes)) / sizes
+    centroid = _centroids_along(ids, sizes, axis)
     beyond = (sizes > 0) & ((centroid < first - margin) | (centroid > last + margin))
     beyond[0] = False
     if beyond.any() and ((sizes[1:] > 0) & ~beyond[1:]).any():  # a range that would leave nothing is not trusted
@@ -445,11 +453,7 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
     if ordered.size == 0:
         return
 
-    shape = [1] * ids.ndim
-    shape[axis] = ids.shape[axis]
-    coordinate = np.broadcast_to(np.arange(ids.shape[axis], dtype=np.float32).reshape(shape), ids.shape)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centroid = np.bincount(ids.ravel(), weights=coordinate.ravel(), minlength=n_ids + 1) / sizes
+    centroid = _centroids_along(ids, sizes, axis)
 
     large = ordered[sizes[ordered] >= fragment_fraction * sizes[ordered].max()]
     structures = None
