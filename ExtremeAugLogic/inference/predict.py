@@ -80,20 +80,23 @@ OBJECT_RULES = ("off", "per-object", "ordered", "ordered-aligned", "ordered-spli
 
 def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: str | None = None,
                               min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-                              spacing=None, level_range=None) -> np.ndarray:
+                              spacing=None, level_range=None, chain: str | None = None) -> np.ndarray:
     """The label map (uint8) from class probabilities (K+1, z, y, x).
 
     ``objects`` (default: the model's ``objects`` setting, else "off"): "off" is the voxel-wise
     argmax; "per-object" gives each connected 3D object one structure label; "ordered" also
     keeps the structures in the anatomical order the training labels showed (the config's
-    ``structure_order``; per object alone when the labels showed none), its chain of levels the
-    largest objects; "ordered-aligned" chooses the chain among all large objects instead (opt-in:
-    not better across training scans, docs/results/generalisation-explore; ``chain`` of
+    ``structure_order``; per object alone when the labels showed none), its chain one object per
+    level (parts side by side are one level; with more levels than labels, those cut by the scan's
+    edge go first, and those beyond the chain's ends become background); "ordered-aligned"
+    chooses the chain among all large objects instead (opt-in: not better across training scans,
+    docs/results/generalisation-explore; ``chain`` of
     ``structure_order.assign_structures``); "ordered-split" is "ordered" after cutting every
     object as long as several structures into as many (the order's ``pitch_mm`` over the voxel
     size ``spacing``, in array-axis order, of the scan; without both it is "ordered").
     ``level_range`` (ordered rules only; ``level_range.LevelGuide.range_for``): objects lying well
-    beyond the expected first and last structures are background. Specks are removed last.
+    beyond the expected first and last structures are background. ``chain`` overrides the ordered
+    rules' chain (``structure_order.CHAINS``). Specks are removed last.
     """
     objects = objects or config["settings"].get("objects", "off")
     if objects not in OBJECT_RULES:
@@ -102,7 +105,7 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
         labels = np.argmax(probabilities, axis=0).astype(np.uint8)
     else:
         order = config.get("structure_order") if objects.startswith("ordered") else None
-        chain = "aligned" if objects == "ordered-aligned" else "largest"
+        chain = chain or ("aligned" if objects == "ordered-aligned" else "largest")
         pitch = None
         if objects == "ordered-split" and order and order.get("pitch_mm") and spacing is not None:
             pitch = float(order["pitch_mm"]) / float(spacing[int(order["axis"])])

@@ -33,6 +33,11 @@ LONG_OBJECT_PITCHES = 1.5
 # With a level range, an object whose centroid lies more than this many pitches beyond the first
 # or last structure's expected centroid is not one of the labelled structures.
 BEYOND_RANGE_PITCHES = 0.75
+# A level reaching within this many pitches of the scan's first or last slice along the order axis
+# is cut by the field of view: with more levels than labels, such levels leave the chain first.
+EDGE_PITCHES = 0.1
+# How the ordered step picks its chain of levels (see ``assign_structures``).
+CHAINS = ("largest", "aligned", "largest-parts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +441,49 @@ def _fragment_positions(fragments, structures, structure_positions, first, last,
                     np.where(free_first <= free_last, free_choice, nearer))
 
 
-def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain="largest") -> None:
+def _levels_along(parts, centroid, first, last, sizes) -> list[list[int]]:
+    """``parts`` grouped into levels along the order axis, in order: side-by-side parts share one.
+
+    Two parts lie side by side (one structure split across, e.g. left and right halves) when
+    each one's centroid lies within the other's extent along the axis; a part is compared with
+    the largest part of the level before it.
+    """
+    levels: list[list[int]] = []
+    for part in parts[np.argsort(centroid[parts], kind="stable")]:
+        if levels:
+            main = max(levels[-1], key=lambda p: sizes[p])
+            if first[main] <= centroid[part] <= last[main] and first[part] <= centroid[main] <= last[part]:
+                levels[-1].append(int(part))
+                continue
+        levels.append([int(part)])
+    return levels
+
+
+def _surplus_levels_out(levels, n_labels, centroid, first, last, sizes, n_positions, pitch):
+    """(levels kept, parts beyond the kept ones' ends) when there are more levels than labels.
+
+    The levels kept are those not cut by the field of view (no part within ``EDGE_PITCHES``
+    pitches of the first or last position along the axis), then the largest (summed voxels).
+    ``pitch`` in voxels; without it, the median distance between consecutive levels. The parts
+    of a level left out whose centroid lies beyond the first or last kept level are returned:
+    a structure beyond the labelled ones (T12 above L1, the sacrum below L5); a level left out
+    between kept ones is a piece of one of them.
+    """
+    level_centroid = np.array([np.average(centroid[level], weights=sizes[level]) for level in levels])
+    if not pitch:
+        pitch = float(np.median(np.diff(level_centroid)))
+    edge = EDGE_PITCHES * pitch
+    cut_by_view = np.array([bool(np.any((first[level] <= edge) | (last[level] >= n_positions - 1 - edge)))
+                            for level in levels])
+    total = np.array([sizes[level].sum() for level in levels])
+    keep = np.sort(np.lexsort((-total, cut_by_view))[:n_labels])
+    low, high = level_centroid[keep].min(), level_centroid[keep].max()
+    beyond = [part for index, level in enumerate(levels) if index not in keep
+              and not low <= level_centroid[index] <= high for part in level]
+    return [levels[index] for index in keep], beyond
+
+
+def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain="largest", pitch=None) -> None:
     """Relabel, in place in ``part_label``, the parts whose label is in ``order`` (see rule)."""
     n_ids, n_channels = len(sizes) - 1, sums.shape[1]
     sequence = []
@@ -454,6 +501,7 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
         return
 
     centroid = _centroids_along(ids, sizes, axis)
+    first, last = _extent_along(ids, axis, n_ids)
 
     large = ordered[sizes[ordered] >= fragment_fraction * sizes[ordered].max()]
     structures = None
@@ -462,15 +510,23 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
         positions = np.array(_aligned_assignment(sums[np.ix_(large, sequence)]))
         if (positions >= 0).any():
             structures, structure_positions = large[positions >= 0], positions[positions >= 0]
-    if structures is None:  # the largest parts, as many as labels (all when they are not more)
-        large = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]  # surplus: fragments
+    if structures is None and chain == "largest-parts":  # the rule before levels: the largest parts
+        large = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]
         structures = large[np.argsort(centroid[large], kind="stable")]
+        structure_positions = np.array(_increasing_assignment(sums[np.ix_(structures, sequence)]))
+    if structures is None:  # one part per level, the levels as many as labels
+        levels = _levels_along(large, centroid, first, last, sizes)
+        if len(levels) > len(sequence):
+            levels, beyond = _surplus_levels_out(levels, len(sequence), centroid, first, last, sizes,
+                                                 ids.shape[axis], pitch)
+            part_label[beyond] = 0
+            ordered = np.setdiff1d(ordered, beyond)
+        structures = np.array([max(level, key=lambda p: sizes[p]) for level in levels])
         structure_positions = np.array(_increasing_assignment(sums[np.ix_(structures, sequence)]))
     part_label[structures] = sequence[structure_positions]
 
     fragments = np.setdiff1d(ordered, structures)
     if fragments.size:
-        first, last = _extent_along(ids, axis, n_ids)
         part_label[fragments] = sequence[_fragment_positions(
             fragments, structures, structure_positions, first, last, sizes, sums, sequence)]
 
@@ -506,22 +562,32 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
     5. With ``order`` (from ``detect_structure_order``; only "axis" and "labels" are read),
        parts whose label from step 4 is in ``order["labels"]`` are relabelled (the others keep
        it). Large parts (at least ``fragment_fraction`` of the largest such part) are sorted by
-       centroid along ``order["axis"]``. With ``chain="largest"`` (the default) the largest parts,
-       as many as labels, form the chain and take strictly increasing positions in
+       centroid along ``order["axis"]``. With ``chain="largest"`` (the default) they are grouped
+       into levels: a part whose centroid lies within the extent of the previous level's largest
+       part, and the other way round, lies beside it (a structure split across) and joins that
+       level. When there are more levels than labels, the levels kept are those not cut by the
+       field of view (no part within 0.1 pitch of the scan's first or last slice along the axis;
+       the pitch is ``pitch``, else the median distance between levels), then the largest; the
+       levels left out beyond the first or last kept one are background (a T12 or a sacrum
+       segmented as a vertebra, often cut by the scan's edge, is not a lumbar level), those
+       between kept ones become fragments. The largest part of each kept level joins the chain:
+       the chain takes strictly increasing positions in
        ``order["labels"]`` maximising the total SUMMED PROBABILITY of each part for its label
        (not log-probability, which a few near-zero voxels would dominate), by dynamic
        programming over (part, label): a label may stay unused (missing level), no two parts
        share one; the other parts become fragments. With ``chain="aligned"``, when there are
        more large parts than labels, all of them are aligned with the labels in order by the
        same objective, and a large part may stay out of the chain (an extra vertebra beyond the
-       labelled ones, or one half of a split) as a fragment. Fragments
+       labelled ones, or one half of a split) as a fragment. ``chain="largest-parts"`` is the
+       rule before levels: the largest parts, as many as labels, form the chain (self-training's
+       pseudo-labels keep it: they were measured with it). Fragments
        are not forced into the sequence: one whose extent along the axis overlaps a
        structure's joins (takes the label of) the structure it overlaps most; otherwise it takes
        its most probable label among those free between its neighbouring structures' labels,
        or, when none is free, joins the nearer neighbour. Fragments may thus share a label.
     """
-    if chain not in ("aligned", "largest"):
-        raise ValueError(f"chain {chain!r}: must be 'aligned' or 'largest'")
+    if chain not in CHAINS:
+        raise ValueError(f"chain {chain!r}: must be one of {', '.join(CHAINS)}")
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 4:
         raise ValueError(f"probabilities must be (channels, z, y, x), got shape {probabilities.shape}")
@@ -554,5 +620,5 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
     part_label[sizes <= 0] = 0
     part_label[0] = 0
     if order is not None:
-        _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain)
+        _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain, pitch)
     return part_label.astype(np.uint8)[ids]

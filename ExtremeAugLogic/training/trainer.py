@@ -360,8 +360,9 @@ class _Trainer:
         for entry in self.ws.worklist_cases():
             image = imageio.read_image(self.ws.image_path(entry["id"]))
             probabilities = self.recipe.predict_probabilities(self.model, self.config, image, self.device)
-            # the rule self-training was measured with (the split of long objects came later, measured on predictions)
-            labels = labels_from_probabilities(probabilities, self.config, "ordered")
+            # the rule self-training was measured with (the split of long objects and the chain of
+            # levels came later, measured on predictions)
+            labels = labels_from_probabilities(probabilities, self.config, "ordered", chain="largest-parts")
             foreground = labels > 0
             confidence = float(probabilities.max(axis=0)[foreground].mean()) if foreground.any() else 0.0
             kept[entry["id"]] = round(confidence, 4)

@@ -381,3 +381,57 @@ def test_a_level_range_that_would_leave_nothing_is_not_trusted():
     labels, probabilities, _ = shifted_chain()
     far = assign_structures(probabilities, ORDER, level_range=(200.0, 300.0))
     assert np.array_equal(far, assign_structures(probabilities, ORDER))
+
+
+def chain_with_extra_bodies(extra_at=(), l5_thickness=4, top_gap=0, length=56):
+    """Labels and probabilities: L1..L5 boxes (6 slices, 2 apart; L5 thinner, smaller than any
+    extra body) from z ``top_gap`` + 8, each called one level too high, and extra unlabelled
+    bodies ("top": the 6 slices from ``top_gap``, "bottom": the last 6 slices) that the
+    probabilities call L1 and L5."""
+    labels = np.zeros((length, 16, 16), np.uint8)
+    for level in range(1, 6):
+        z0 = top_gap + 8 * level
+        labels[z0:z0 + (l5_thickness if level == 5 else 6), 3:13, 3:13] = level
+    probabilities = soft_probabilities(np.where(labels > 0, np.minimum(labels + 1, 5), 0))
+    extras = {"top": np.s_[top_gap:top_gap + 6, 3:13, 3:13], "bottom": np.s_[length - 6:, 3:13, 3:13]}
+    for where in extra_at:
+        set_probabilities(probabilities, extras[where], {1 if where == "top" else 5: 0.9, 0: 0.1})
+    return labels, probabilities, [extras[where] for where in extra_at]
+
+
+def test_a_body_cut_by_the_scan_edge_leaves_the_chain_as_background():
+    """A T12 cut by the top of the scan, larger than L5 and called L1: before this rule the five
+    largest objects made the chain and every level shifted by one; now the level cut by the
+    field of view leaves the chain first and, lying beyond it, is background."""
+    labels, probabilities, (top,) = chain_with_extra_bodies(["top"])
+    out = assign_structures(probabilities, ORDER)
+    assert np.all(out[top] == 0)
+    assert np.array_equal(out[labels > 0], labels[labels > 0])
+    before = assign_structures(probabilities, ORDER, chain="largest-parts")  # self-training's pseudo-labels
+    assert np.all(before[top] == 1) and np.all(before[labels == 1] == 2)
+    # the same at the other end (a sacrum cut by the bottom of the scan, called L5), and both at once
+    for extra_at in (["bottom"], ["top", "bottom"]):
+        labels, probabilities, extras = chain_with_extra_bodies(extra_at, l5_thickness=6)
+        out = assign_structures(probabilities, ORDER)
+        assert all(np.all(out[extra] == 0) for extra in extras), extra_at
+        assert np.array_equal(out[labels > 0], labels[labels > 0]), extra_at
+
+
+def test_an_extra_body_clear_of_the_edge_is_judged_by_size():
+    """The same T12 two slices clear of the scan's edge (beyond 0.1 pitch: 0.8 voxel) is not cut
+    by the field of view: the smallest level (L5) leaves the chain, as before the rule."""
+    labels, probabilities, (top,) = chain_with_extra_bodies(["top"], top_gap=2, length=58)
+    out = assign_structures(probabilities, ORDER)
+    assert np.all(out[top] == 1)  # in the chain as L1: the shift this rule cannot see
+    assert np.all(out[labels == 1] == 2)
+
+
+def test_a_level_split_side_by_side_counts_once():
+    """L3 predicted as two separate halves (left, right), each larger than a thin L5: the halves
+    are one level, so L5 keeps its place in the chain and both halves are L3."""
+    labels, _, _ = chain_with_extra_bodies([], l5_thickness=2)
+    labels[24:30, 3:13, 8] = 0  # a cut through L3 along y: two halves of 6 x 10 x 5 voxels
+    probabilities = soft_probabilities(labels)
+    assert ndimage.label(labels == 3)[1] == 2 and (labels == 5).sum() < (labels == 3).sum() / 2
+    out = assign_structures(probabilities, ORDER)
+    assert np.array_equal(out[labels > 0], labels[labels > 0])
