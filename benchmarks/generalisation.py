@@ -379,7 +379,9 @@ def _objects_rules(runs: dict) -> list[str]:
         return []
     lines = ["", "## Structure labels per object (ours, same models, same probabilities)", "",
              "off = voxel-wise argmax; per-object = one label per connected 3D object; ordered = per object and in the "
-             "anatomical order the training label showed, its chain the largest objects; ordered-aligned = the same, "
+             "anatomical order the training label showed, its chain one object per level (from 2026-11-28: objects side by "
+             "side are one level; with more levels than labels those cut by the scan's edge leave first, then the smallest, "
+             "and those beyond the chain's ends are background; before, the largest objects); ordered-aligned = the same, "
              "its chain chosen among all large objects (in reports of 2026-11-27 04:00-04:40, ordered was the aligned "
              "rule and ordered-largest today's ordered); ordered-split = ordered after cutting each object as long as "
              "several structures (the training label's pitch) into as many; +range = the same after dropping the objects "
