@@ -510,12 +510,12 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
         positions = np.array(_aligned_assignment(sums[np.ix_(large, sequence)]))
         if (positions >= 0).any():
             structures, structure_positions = large[positions >= 0], positions[positions >= 0]
-    if structures is None and chain == "largest-parts":  # the rule before levels: the largest parts
-        large = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]
-        structures = large[np.argsort(centroid[large], kind="stable")]
-        structure_positions = np.array(_increasing_assignment(sums[np.ix_(structures, sequence)]))
     if structures is None:  # one part per level, the levels as many as labels
-        levels = _levels_along(large, centroid, first, last, sizes)
+        if chain == "largest-parts":  # the rule before levels: each part a level, the largest kept
+            kept = large[np.argsort(-sizes[large], kind="stable")][:len(sequence)]
+            levels = [[part] for part in kept[np.argsort(centroid[kept], kind="stable")]]
+        else:
+            levels = _levels_along(large, centroid, first, last, sizes)
         if len(levels) > len(sequence):
             levels, beyond = _surplus_levels_out(levels, len(sequence), centroid, first, last, sizes,
                                                  ids.shape[axis], pitch)
