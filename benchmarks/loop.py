@@ -2,6 +2,11 @@
 
     python benchmarks/loop.py --set vb --start vb01 --rounds 4
     python benchmarks/loop.py --set vb --start vb01 --rounds 1 --minutes 0.3 --retrain-minutes 0.2 --worklist vb02 vb03
+    python benchmarks/loop.py --set vb --start vb01 --rounds 2 --iterations 2040 --retrain-iterations 510
+
+Budgets are wall-clock minutes (as a clinician's workstation runs them) or, with ``--iterations`` /
+``--retrain-iterations``, iterations: the same training on any machine, for a shared or slow machine
+whose minutes buy fewer iterations than usual.
 
 From one delineated scan, with every other scan of the set in the worklist:
 
@@ -79,7 +84,8 @@ def train_start(args, data: Path, work: Path, names: dict) -> tuple[Path, dict]:
                               data / f"{args.start}_label.nii.gz", "--case-id", args.start, "--split", "train"), log)
     for case in args.worklist:
         run_measured_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--case-id", case), log)
-    first = run_measured_child(engine("train", ws, "--minutes", args.minutes, "--quiet", *args.train_options), log)
+    first = run_measured_child(engine("train", ws, *budget(args.minutes, args.iterations), "--quiet",
+                                      *args.train_options), log)
     round0 = {"round": 0, "corrected": None, "train_wall_s": round(first["wall_s"], 1),
               "scores": remaining_scores(ws, data, sorted(names))}
     round0.update(summary(round0["scores"]))
@@ -111,8 +117,8 @@ def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: 
                                   data / f"{case}_label.nii.gz", "--case-id", case, "--split", "train"), log)
         after_add = Workspace.open(ws)
         entry, best_after_add = after_add.case(case), after_add.best_version()
-        retrain = ["--init-from", "best", "--minutes", args.retrain_minutes] if warm else \
-            [*args.train_options, "--minutes", args.scratch_minutes]
+        retrain = ["--init-from", "best", *budget(args.retrain_minutes, args.retrain_iterations)] if warm else \
+            [*args.train_options, *budget(args.scratch_minutes, args.iterations)]
         timing = run_measured_child(engine("train", ws, "--quiet", *retrain), log)
         tested = entry.get("test_scores") or {}
         row = {"round": number, "corrected": case, "changed_voxels": entry.get("changed_voxels"),
@@ -129,6 +135,15 @@ def run_loop(args, data: Path, work: Path, start_ws: Path, round0: dict, order: 
               f"retrain + worklist {row['train_wall_s']:.0f} s", flush=True)
 
 
+def budget(minutes: float, iterations: int | None) -> list:
+    """The train command's budget option: iterations when given, else wall-clock minutes."""
+    return ["--iterations", iterations] if iterations else ["--minutes", minutes]
+
+
+def budget_text(minutes: float, iterations: int | None) -> str:
+    return f"{iterations} iterations" if iterations else f"{minutes:g} min"
+
+
 def _f(value):
     return "-" if value is None else f"{value:.3f}"
 
@@ -136,8 +151,9 @@ def _f(value):
 def render(results: dict, command: str) -> str:
     lines = [f"# The loop on real scans: {results['set']}, start {results['start']}", "",
              f"- command: `{command}`", f"- machine: {results['machine']}",
-             f"- first training {results['minutes']:g} min; each retrain: warm start (from the best model) "
-             f"{results['retrain_minutes']:g} min, from scratch {results.get('scratch_minutes', results['minutes']):g} min "
+             f"- first training {budget_text(results['minutes'], results.get('iterations'))}; each retrain: warm start "
+             f"(from the best model) {budget_text(results['retrain_minutes'], results.get('retrain_iterations'))}, "
+             f"from scratch {budget_text(results.get('scratch_minutes', results['minutes']), results.get('iterations'))} "
              "(train + worklist s includes predicting the worklist with the new model); every configuration "
              "continues from the same first model",
              "- effort: what the correction of that round's scan changed in its waiting prediction; tested: the "
@@ -190,6 +206,10 @@ def main(argv=None) -> int:
     parser.add_argument("--retrain-minutes", type=float, default=2.0)
     parser.add_argument("--scratch-minutes", type=float, default=None,
                         help="a retrain from scratch (default: the first training's budget)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="first training (and a retrain from scratch) in iterations instead of minutes")
+    parser.add_argument("--retrain-iterations", type=int, default=None,
+                        help="a warm-start retrain in iterations instead of minutes")
     parser.add_argument("--runs", nargs="+", default=["added/warm", "uncertainty/warm", "added/scratch"],
                         choices=[f"{o}/{s}" for o in ("added", "uncertainty") for s in ("warm", "scratch")],
                         help="worklist order / retraining: added = the order the scans were added, uncertainty = "
@@ -207,7 +227,8 @@ def main(argv=None) -> int:
     args.scratch_minutes = args.scratch_minutes or args.minutes
     args.train_options = [x for kv in args.set_option for x in ("--set", kv)]  # a fresh model's settings
     results = {"set": args.set, "start": args.start, "minutes": args.minutes, "retrain_minutes": args.retrain_minutes,
-               "scratch_minutes": args.scratch_minutes,
+               "scratch_minutes": args.scratch_minutes, "iterations": args.iterations,
+               "retrain_iterations": args.retrain_iterations,
                "machine": machine(), "runs": []}
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +237,8 @@ def main(argv=None) -> int:
         out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
 
     with tempfile.TemporaryDirectory(prefix="extremeaug-loop-") as tmp:
-        print(f"loop: first training from {args.start} ({args.minutes:g} min), {len(args.worklist)} scans in the worklist",
+        print(f"loop: first training from {args.start} ({budget_text(args.minutes, args.iterations)}), "
+              f"{len(args.worklist)} scans in the worklist",
               flush=True)
         start_ws, round0 = train_start(args, data, Path(tmp), names)
         for run in args.runs:
