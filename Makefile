@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m ExtremeAugLogic demo
 
 test: setup
-	$(PY) -m pytest -q Testing/Python
+	$(PY) -m pytest -q --durations=15 Testing/Python
 
 benchmarks: setup
 	$(PY) benchmarks/one_scan.py --set vb --out docs/results/one-scan-vb.md

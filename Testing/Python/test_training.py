@@ -205,6 +205,7 @@ def test_self_training_on_unlabeled_scans_raises_dice_on_held_back_scans(tmp_pat
         torch.manual_seed(0)
         result = train(TrainRequest(str(ws.path), iterations=800, settings={**SMALL, "random_conv": 0.0},
                                     progress_bar=False, unlabeled=unlabeled, seed=0))
+        assert result["phase"] == "done", result["message"]  # a SIGTERM to pytest stops the training
         if unlabeled:
             assert len(ws.version(result["version"])["pseudo_labels"]["used"]) >= 2
         recipe, config, model, _ = load_model(ws, None, "cpu")
