@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -178,3 +179,14 @@ def test_cli_runs_one_cell_in_a_child_process(data, tmp_path, capsys):
     assert cell["train_dice"] is None and cell["iterations"] == 2
     assert os.path.isfile(tmp_path / "cli" / "cells" / "s1_L2" / "train.log")
     assert "done s1_L2" in capsys.readouterr().out
+
+
+def test_machine_line_names_the_vector_extension_that_sets_cpu_speed():
+    from ExtremeAugLogic.experiments.machine import machine_description, vector_extension
+    assert vector_extension("fpu sse2 avx avx2 fma avx512f avx512bw") == "AVX-512"
+    assert vector_extension("fpu sse2 avx avx2 fma") == "AVX2"
+    assert vector_extension("fp asimd evtstrm") == ""
+    line = machine_description()
+    assert "cores" in line and "torch" in line
+    if os.path.exists("/proc/cpuinfo") and "avx2" in Path("/proc/cpuinfo").read_text():
+        assert "AVX" in line.split(",")[0]
