@@ -227,8 +227,10 @@ def _redraw_rounds_chart(ws) -> None:
 
 
 def cmd_train(args) -> int:
-    from ExtremeAugLogic.training import TrainRequest, train
     from ExtremeAugLogic.workspace import Workspace
+
+    Workspace.open(args.workspace)  # a bad workspace is refused before torch is imported (seconds)
+    from ExtremeAugLogic.training import TrainRequest, train
 
     request = TrainRequest(args.workspace, minutes=args.minutes, iterations=args.iterations, level=args.level,
                            device=args.device, resume=args.resume, init_from=args.init_from, model=args.model,
@@ -256,22 +258,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ExtremeAugLogic.inference import DEFAULT_MIN_COMPONENT_FRACTION, predict_file
     from ExtremeAugLogic.workspace import Workspace
+
+    workspace = Workspace.open(args.workspace)  # a bad workspace is refused before torch is imported
+    from ExtremeAugLogic.inference import DEFAULT_MIN_COMPONENT_FRACTION, predict_file
 
     if args.worklist:
         if args.image or args.output:
             raise InputError("--worklist: predicts the workspace's own worklist scans; leave out --image and --output")
         from ExtremeAugLogic.inference.worklist import predict_worklist
 
-        ws = Workspace.open(args.workspace)
-        done = predict_worklist(ws, args.device, log=print)
-        print(f"worklist: {len(done)} prediction(s) made, {len(ws.worklist_cases()) - len(done)} already up to date")
+        done = predict_worklist(workspace, args.device, log=print)
+        print(f"worklist: {len(done)} prediction(s) made, "
+              f"{len(workspace.worklist_cases()) - len(done)} already up to date")
         return
     if not (args.image and args.output):
         raise InputError("predict: give --image and --output (or --worklist)")
     fraction = DEFAULT_MIN_COMPONENT_FRACTION if args.min_component_fraction is None else args.min_component_fraction
-    result = predict_file(Workspace.open(args.workspace), args.image, args.output, version=args.version,
+    result = predict_file(workspace, args.image, args.output, version=args.version,
                           device=args.device, tta=args.tta, min_component_fraction=fraction, objects=args.objects)
     print(f"wrote {result['output']} with model {result['version']}: "
           f"{', '.join(result['structures_found']) or 'nothing found'}")

@@ -113,13 +113,21 @@ def test_predict_without_a_model_and_evaluate_with_a_missing_file(workspace, fil
     assert result.returncode == 2 and "grid" in result.stderr
 
 
-def test_bad_training_options(workspace):
+def test_bad_training_options(workspace, capsys):
+    """The first refusal in a child process as a user runs it (nothing else on stderr); the rest in
+    this process through the same ``main`` (a child costs seconds of imports each)."""
+    from ExtremeAugLogic.cli import main
+
     before = snapshot(workspace)
-    for args in (["--minutes", "-1"], ["--iterations", "0"], ["--resume"], ["--init-from", "v9"], ["--device", "tpu"],
+    result = run("train", workspace, "--minutes", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --minutes -1.0: must be positive"], result.stderr
+    for args in (["--iterations", "0"], ["--resume"], ["--init-from", "v9"], ["--device", "tpu"],
                  ["--set", "nonsense"]):
-        result = run("train", workspace, *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        code = main(["train", str(workspace), *args])
+        stderr = capsys.readouterr().err
+        assert code == 2, (args, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
     after = snapshot(workspace)
     after.pop("status.json", None)
     before.pop("status.json", None)
