@@ -29,6 +29,7 @@ Everything goes through the engine's command line, in child processes, one at a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import shutil
@@ -196,6 +197,17 @@ def plot(results: dict, png: Path) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def work_folder(keep: Path | None):
+    """``keep`` (created when new) or a temporary folder removed afterwards."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="extremeaug-loop-") as tmp:
+            yield tmp
+    else:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield str(keep)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", choices=sorted(SETS), default="vb")
@@ -216,7 +228,12 @@ def main(argv=None) -> int:
                              "the suggested order; warm = from the best model, scratch = a fresh model")
     parser.add_argument("--set-option", action="append", default=[], help="recipe setting KEY=VALUE for train")
     parser.add_argument("--out", default=None, help="markdown report (default docs/results/loop-<set>.md)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="FOLDER",
+                        help="keep the workspaces (the first training's and each run's) in FOLDER, new or empty, "
+                             "to look at their models and predictions afterwards (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        parser.error(f"--keep {args.keep}: must be a new or empty folder")
     folder, names = SETS[args.set]
     data = require_data(folder)
     cases = sorted(p.name[: -len("_image.nii.gz")] for p in data.glob("*_image.nii.gz"))
@@ -236,7 +253,7 @@ def main(argv=None) -> int:
         plot(results, out.with_suffix(".png"))
         out.write_text(render(results, command) + f"\n![Dice and correction effort per round]({out.stem}.png)\n")
 
-    with tempfile.TemporaryDirectory(prefix="extremeaug-loop-") as tmp:
+    with work_folder(args.keep) as tmp:
         print(f"loop: first training from {args.start} ({budget_text(args.minutes, args.iterations)}), "
               f"{len(args.worklist)} scans in the worklist",
               flush=True)
