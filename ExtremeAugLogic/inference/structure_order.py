@@ -36,6 +36,9 @@ BEYOND_RANGE_PITCHES = 0.75
 # A level reaching within this many pitches of the scan's first or last slice along the order axis
 # is cut by the field of view: with more levels than labels, such levels leave the chain first.
 EDGE_PITCHES = 0.1
+# With a level cut by the field of view, a fragment of at least this fraction of the largest part
+# lying wholly beyond the outermost level counts as a level: a structure the model found only in part.
+TAIL_FRACTION = 0.05
 # How the ordered step picks its chain of levels (see ``assign_structures``).
 CHAINS = ("largest", "aligned", "largest-parts")
 
@@ -459,6 +462,53 @@ def _levels_along(parts, centroid, first, last, sizes) -> list[list[int]]:
     return levels
 
 
+def _level_centroids(levels, centroid, sizes) -> np.ndarray:
+    """Voxel-weighted centroid of each level along the order axis."""
+    return np.array([np.average(centroid[level], weights=sizes[level]) for level in levels])
+
+
+def _cut_by_view(levels, level_centroid, first, last, n_positions, pitch) -> np.ndarray:
+    """Per level: does a part reach within ``EDGE_PITCHES`` pitches of the scan's first or last position?
+
+    ``pitch`` in voxels; without it, the median distance between consecutive levels.
+    """
+    if not pitch:
+        pitch = float(np.median(np.diff(level_centroid))) if len(levels) > 1 else 0.0
+    edge = EDGE_PITCHES * pitch
+    return np.array([bool(np.any((first[level] <= edge) | (last[level] >= n_positions - 1 - edge)))
+                     for level in levels])
+
+
+def _levels_beyond(levels, fragments, centroid, first, last, sizes, min_size) -> list[list[int]]:
+    """Levels made of the ``fragments`` (at least ``min_size`` voxels) lying wholly before the first
+    or wholly after the last of ``levels`` along the order axis, in order."""
+    start = min(first[part] for part in levels[0])
+    end = max(last[part] for part in levels[-1])
+    outside = fragments[(sizes[fragments] >= min_size) & ((last[fragments] < start) | (first[fragments] > end))]
+    return _levels_along(outside, centroid, first, last, sizes) if outside.size else []
+
+
+def _with_levels_beyond(levels, fragments, n_labels, centroid, first, last, sizes, n_positions, pitch):
+    """``levels`` and, when one of them is cut by the field of view, the fragments' levels beyond their ends.
+
+    The model may find the vertebra above L1 (cut by the scan's edge) and only a piece of L5: five
+    large levels for five labels, every one shifted. Counting the piece of L5 as a level makes six,
+    and the level cut by the view leaves the chain (``_surplus_levels_out``). Without a level cut
+    by the view, or when the levels do not outnumber the labels even so, ``levels`` is returned.
+    """
+    if not levels or fragments.size == 0:
+        return levels
+    level_centroid = _level_centroids(levels, centroid, sizes)
+    if not _cut_by_view(levels, level_centroid, first, last, n_positions, pitch).any():
+        return levels
+    largest = max(sizes[part] for level in levels for part in level)
+    beyond = _levels_beyond(levels, fragments, centroid, first, last, sizes, TAIL_FRACTION * largest)
+    if len(levels) + len(beyond) <= n_labels:
+        return levels
+    everything = levels + beyond
+    return [everything[i] for i in np.argsort(_level_centroids(everything, centroid, sizes), kind="stable")]
+
+
 def _surplus_levels_out(levels, n_labels, centroid, first, last, sizes, n_positions, pitch):
     """(levels kept, parts beyond the kept ones' ends) when there are more levels than labels.
 
@@ -469,12 +519,8 @@ def _surplus_levels_out(levels, n_labels, centroid, first, last, sizes, n_positi
     a structure beyond the labelled ones (T12 above L1, the sacrum below L5); a level left out
     between kept ones is a piece of one of them.
     """
-    level_centroid = np.array([np.average(centroid[level], weights=sizes[level]) for level in levels])
-    if not pitch:
-        pitch = float(np.median(np.diff(level_centroid)))
-    edge = EDGE_PITCHES * pitch
-    cut_by_view = np.array([bool(np.any((first[level] <= edge) | (last[level] >= n_positions - 1 - edge)))
-                            for level in levels])
+    level_centroid = _level_centroids(levels, centroid, sizes)
+    cut_by_view = _cut_by_view(levels, level_centroid, first, last, n_positions, pitch)
     total = np.array([sizes[level].sum() for level in levels])
     keep = np.sort(np.lexsort((-total, cut_by_view))[:n_labels])
     low, high = level_centroid[keep].min(), level_centroid[keep].max()
@@ -516,6 +562,8 @@ def _order_labels(part_label, ids, sizes, sums, order, fragment_fraction, chain=
             levels = [[part] for part in kept[np.argsort(centroid[kept], kind="stable")]]
         else:
             levels = _levels_along(large, centroid, first, last, sizes)
+            levels = _with_levels_beyond(levels, np.setdiff1d(ordered, large), len(sequence), centroid, first,
+                                         last, sizes, ids.shape[axis], pitch)
         if len(levels) > len(sequence):
             levels, beyond = _surplus_levels_out(levels, len(sequence), centroid, first, last, sizes,
                                                  ids.shape[axis], pitch)
@@ -567,8 +615,11 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
        part, and the other way round, lies beside it (a structure split across) and joins that
        level. When there are more levels than labels, the levels kept are those not cut by the
        field of view (no part within 0.1 pitch of the scan's first or last slice along the axis;
-       the pitch is ``pitch``, else the median distance between levels), then the largest; the
-       levels left out beyond the first or last kept one are background (a T12 or a sacrum
+       the pitch is ``pitch``, else the median distance between levels), then the largest. When a
+       level is cut by the field of view, fragments (see below) of at least 5 % of the largest
+       part lying wholly beyond the first or last level count as levels in this choice: the
+       vertebra above L1 cut by the scan's edge and only a piece of L5 make six levels, not five
+       shifted ones. The levels left out beyond the first or last kept one are background (a T12 or a sacrum
        segmented as a vertebra, often cut by the scan's edge, is not a lumbar level), those
        between kept ones become fragments. The largest part of each kept level joins the chain:
        the chain takes strictly increasing positions in

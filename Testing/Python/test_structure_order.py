@@ -426,6 +426,42 @@ def test_an_extra_body_clear_of_the_edge_is_judged_by_size():
     assert np.all(out[labels == 1] == 2)
 
 
+def l5_found_in_part(l5_slices=1, l5_width=10):
+    """The T12 cut by the scan's top (called L1) and L1..L4 whole, each called one level too high;
+    of L5 only ``l5_slices`` slices of ``l5_width`` x 10 voxels, below L4 with no overlap."""
+    labels, probabilities, (top,) = chain_with_extra_bodies(["top"], l5_thickness=l5_slices)
+    labels[labels == 5] = 0
+    labels[40:40 + l5_slices, 3:3 + l5_width, 3:13] = 5
+    probabilities = soft_probabilities(np.where(labels > 0, np.minimum(labels + 1, 5), 0))
+    set_probabilities(probabilities, top, {1: 0.9, 0: 0.1})
+    return labels, probabilities, top
+
+
+def test_a_piece_of_l5_makes_the_level_cut_by_the_edge_leave_the_chain():
+    """Five large levels for five labels (T12 cut by the scan's edge, L1..L4) and L5 found only as
+    a slice (1/6 of a body: a fragment): the piece beyond L4 counts as a level, so there are six
+    and the one cut by the field of view leaves the chain. Without the piece every level shifts."""
+    labels, probabilities, top = l5_found_in_part()
+    out = assign_structures(probabilities, ORDER)
+    assert np.all(out[top] == 0)
+    assert np.array_equal(out[labels > 0], labels[labels > 0])
+    without_l5 = probabilities.copy()
+    set_probabilities(without_l5, np.nonzero(labels == 5), {0: 1.0})
+    shifted = assign_structures(without_l5, ORDER)
+    assert np.all(shifted[top] == 1) and np.all(shifted[labels == 1] == 2)
+
+
+def test_a_speck_beyond_the_last_level_is_not_a_level():
+    """A piece of L5 under 5 % of the largest body (20 voxels of 600) does not count: the chain
+    stays as without it (shifted); nor does a piece when no level is cut by the field of view."""
+    labels, probabilities, top = l5_found_in_part(l5_width=2)
+    out = assign_structures(probabilities, ORDER)
+    assert np.all(out[top] == 1) and np.all(out[labels == 1] == 2)
+    labels, probabilities, (top,) = chain_with_extra_bodies(["top"], l5_thickness=1, top_gap=2, length=58)
+    out = assign_structures(probabilities, ORDER)
+    assert np.all(out[top] == 1)  # clear of the edge: the extra body stays in the chain as L1
+
+
 def test_a_level_split_side_by_side_counts_once():
     """L3 predicted as two separate halves (left, right), each larger than a thin L5: the halves
     are one level, so L5 keeps its place in the chain and both halves are L3."""
