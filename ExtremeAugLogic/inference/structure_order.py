@@ -482,8 +482,7 @@ def _cut_by_view(levels, level_centroid, first, last, n_positions, pitch) -> np.
 def _levels_beyond(levels, fragments, centroid, first, last, sizes, min_size) -> list[list[int]]:
     """Levels made of the ``fragments`` (at least ``min_size`` voxels) lying wholly before the first
     or wholly after the last of ``levels`` along the order axis, in order."""
-    start = min(first[part] for part in levels[0])
-    end = max(last[part] for part in levels[-1])
+    start, end = first[levels[0]].min(), last[levels[-1]].max()
     outside = fragments[(sizes[fragments] >= min_size) & ((last[fragments] < start) | (first[fragments] > end))]
     return _levels_along(outside, centroid, first, last, sizes) if outside.size else []
 
@@ -619,8 +618,8 @@ def assign_structures(probabilities: np.ndarray, order: dict | None = None, min_
        level is cut by the field of view, fragments (see below) of at least 5 % of the largest
        part lying wholly beyond the first or last level count as levels in this choice: the
        vertebra above L1 cut by the scan's edge and only a piece of L5 make six levels, not five
-       shifted ones. The levels left out beyond the first or last kept one are background (a T12 or a sacrum
-       segmented as a vertebra, often cut by the scan's edge, is not a lumbar level), those
+       shifted ones. The levels left out beyond the first or last kept one are background (a T12
+       or a sacrum segmented as a vertebra, often cut by the scan's edge, is not a lumbar level), those
        between kept ones become fragments. The largest part of each kept level joins the chain:
        the chain takes strictly increasing positions in
        ``order["labels"]`` maximising the total SUMMED PROBABILITY of each part for its label
