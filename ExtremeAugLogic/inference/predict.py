@@ -114,6 +114,18 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
     return remove_specks(labels, min_component_fraction)
 
 
+def pseudo_labels_from_probabilities(probabilities: np.ndarray, config: dict, spacing) -> np.ndarray:
+    """Self-training's label map of a worklist scan, by the model's ``pseudo_label_rule`` setting.
+
+    "ordered-largest" (default) is the rule self-training was first measured with: the ordered
+    rule with the chain of the largest parts (the split of long objects and the chain of levels
+    came later, measured on predictions). "as-predicted" labels it as a prediction is labelled.
+    """
+    if config["settings"].get("pseudo_label_rule", "ordered-largest") == "as-predicted":
+        return labels_from_probabilities(probabilities, config, spacing=spacing)
+    return labels_from_probabilities(probabilities, config, "ordered", chain="largest-parts")
+
+
 def predict_array(recipe, config: dict, model, image: sitk.Image, device: str, tta: bool = False,
                   min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
                   progress=None, objects: str | None = None, level_guide=None) -> np.ndarray:

@@ -471,3 +471,16 @@ def test_a_level_split_side_by_side_counts_once():
     assert ndimage.label(labels == 3)[1] == 2 and (labels == 5).sum() < (labels == 3).sum() / 2
     out = assign_structures(probabilities, ORDER)
     assert np.array_equal(out[labels > 0], labels[labels > 0])
+
+
+@pytest.mark.parametrize("rule, t12_label", [("ordered-largest", 1), ("as-predicted", 0)])
+def test_pseudo_labels_follow_their_setting(rule, t12_label):
+    """Self-training's pseudo-labels: the rule they were first measured with keeps a T12 cut by the
+    scan's edge in the chain as L1; "as-predicted" labels them as a prediction is, T12 background."""
+    from ExtremeAugLogic.inference.predict import pseudo_labels_from_probabilities
+
+    labels, probabilities, (top,) = chain_with_extra_bodies(["top"])
+    config = {"settings": {"objects": "ordered-split", "pseudo_label_rule": rule}, "structure_order": ORDER}
+    out = pseudo_labels_from_probabilities(probabilities, config, spacing=(1.0, 1.0, 1.0))
+    assert np.all(out[top] == t12_label)
+    assert np.all(out[labels == 1] == (2 if t12_label else 1))

@@ -253,3 +253,16 @@ def test_a_bad_dropout_or_averaging_share_is_refused_before_anything_is_written(
     with pytest.raises(InputError, match=f"{next(iter(setting))} must be a number in \\[0, 1\\)"):
         train(TrainRequest(str(ws.path), iterations=5, settings={**SMALL, **setting}, progress_bar=False))
     assert ws.manifest()["versions"] == []
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"pseudo_label_rule": "best"}, "pseudo_label_rule must be one of ordered-largest, as-predicted, not 'best'"),
+    ({"pseudo_label_share": 1.5}, "pseudo_label_share must be a number in \\[0, 1\\], not 1.5"),
+    ({"pseudo_label_share": True}, "pseudo_label_share must be a number")])
+def test_a_bad_self_training_setting_is_refused_before_anything_is_written(tmp_path, setting, message):
+    files = _phantom_files(tmp_path, [53], shape=(48, 48, 16))
+    ws = Workspace.create(tmp_path / "ws", structure_names={1: "vertebra"})
+    ws.add_case(*files[0])
+    with pytest.raises(InputError, match=message):
+        train(TrainRequest(str(ws.path), iterations=5, settings={**SMALL, **setting}, progress_bar=False))
+    assert ws.manifest()["versions"] == []

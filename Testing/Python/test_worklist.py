@@ -156,6 +156,18 @@ def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
     assert record["cases_seen"] == ["labelled"] and ws.case("w1")["split"] == "worklist"  # pseudo-labels stay in memory
 
 
+def test_the_most_confident_share_of_the_worklist_joins_self_training():
+    from ExtremeAugLogic.training.trainer import confident_scans
+
+    confidence = {"a": 0.80, "b": 0.95, "c": 0.70, "d": 0.85}
+    assert confident_scans(confidence, 0.9, 0.0) == ["b"]             # the threshold alone
+    assert confident_scans(confidence, 0.9, 0.5) == ["b", "d"]        # the most confident half, in worklist order
+    assert confident_scans(confidence, 0.9, 0.6) == ["a", "b", "d"]   # 0.6 x 4 scans rounds up to 3
+    assert confident_scans(confidence, 0.75, 0.25) == ["a", "b", "d"]  # either rule lets a scan join
+    assert confident_scans(confidence, 0.99, 1.0) == ["a", "b", "c", "d"]
+    assert confident_scans({}, 0.9, 0.5) == []
+
+
 def test_correction_effort_counts_voxels_slices_and_structures():
     import numpy as np
 
