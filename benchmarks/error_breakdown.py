@@ -101,16 +101,16 @@ def probe_folder(folder: Path, data: Path, near_mm: float, thresholds=()) -> dic
     import SimpleITK as sitk
 
     from ExtremeAugLogic.devices import resolve_device
+    from ExtremeAugLogic.evaluation import dice_scores
     from ExtremeAugLogic.inference import labels_from_probabilities, load_model
     from ExtremeAugLogic.recipes.slice2d.preprocess import choose_slice_axis
     from ExtremeAugLogic.workspace import Workspace
     from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_image, read_label
 
     ws = Workspace.open(folder / "ws")
-    train_case = [c["id"] for c in ws.cases() if c.get("split") != "worklist"][0]
+    train_case = ws.case_ids("train")[0]
     device = resolve_device("cpu")
-    version = json.loads((folder / "ws" / "extremeaug.json").read_text())["versions"][-1]["name"]
-    recipe, config, model, _ = load_model(ws, version, device)
+    recipe, config, model, _ = load_model(ws, ws.versions()[-1]["name"], device)
     order_axis = int(config["structure_order"]["axis"])
     results = {}
     for entry in ws.worklist_cases():
@@ -124,8 +124,7 @@ def probe_folder(folder: Path, data: Path, near_mm: float, thresholds=()) -> dic
                                   choose_slice_axis(image, config.settings.get("slice_axis", "auto")), near_mm)
         for t in thresholds:  # binary Dice when only voxels with background probability below t stay foreground
             kept = (labels > 0) & (probabilities[0] < t) if t <= 0.5 else grown(labels > 0, probabilities[0] < t)
-            results[case][f"dice bg<{t:g}"] = 2 * float((kept & (reference > 0)).sum()) / max(
-                float(kept.sum() + (reference > 0).sum()), 1.0)
+            results[case][f"dice bg<{t:g}"] = dice_scores(kept.astype(np.uint8), reference > 0, [1])["binary_dice"]
         print(f"{train_case} -> {case}: Dice {results[case]['dice']:.3f}", flush=True)
     return {"train_case": train_case, "pairs": results}
 
@@ -147,7 +146,8 @@ def render(runs: list[dict], near_mm: float) -> str:
     lines.append(_row("**all**", dice, totals, keys))
     extra = sorted({k for run in runs for p in run["pairs"].values() for k in p if k.startswith("dice bg<")})
     if extra:
-        lines += ["", "Binary Dice with a stricter foreground (only voxels whose background probability is below t):", "",
+        lines += ["", "Binary Dice with another foreground rule: for t up to 0.5 only the labelled voxels whose background "
+                  "probability is below t; above 0.5 the labelled voxels and the voxels below t connected to them:", "",
                   "| training scan | argmax | " + " | ".join(k[5:] for k in extra) + " |", "|---" * (2 + len(extra)) + "|"]
         for run in runs:
             pairs = run["pairs"].values()
