@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from ExtremeAugLogic.demo import phantom
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.inference import labels_from_probabilities
 from ExtremeAugLogic.recipes.slice2d import augment
-from ExtremeAugLogic.recipes.slice2d.recipe import _cut_edges
+from ExtremeAugLogic.recipes.base import CaseData
+from ExtremeAugLogic.recipes.slice2d.recipe import Recipe2D, _cut_edges
 from ExtremeAugLogic.training import TrainRequest, train
 from ExtremeAugLogic.workspace import Workspace
 from ExtremeAugLogic.workspace.imageio import read_label, write_image
@@ -71,6 +73,40 @@ def test_random_convolution_keeps_each_sample_mean_and_changes_texture():
     assert torch.equal(augment.random_convolution(x, 0.0, torch.Generator().manual_seed(0)), x)
     three = torch.rand((4, 3, 16, 16))  # 2.5D input: every channel goes through the same sample's network
     assert augment.random_convolution(three, 1.0, torch.Generator().manual_seed(0)).shape == three.shape
+
+
+def test_structure_intensity_scales_the_structures_and_fades_at_their_outline():
+    x = torch.full((64, 1, 32, 32), 0.5)
+    y = torch.zeros((64, 1, 32, 32), dtype=torch.long)
+    y[:, :, 8:24, 8:24] = 2
+    out = augment.vary_structure_intensity(x, y, 1.4, torch.Generator().manual_seed(0))
+    assert torch.equal(out, augment.vary_structure_intensity(x, y, 1.4, torch.Generator().manual_seed(0)))
+    factor = out[:, 0, 16, 16] / 0.5
+    assert factor.min() >= 1 / 1.4 - 1e-5 and factor.max() <= 1.4 + 1e-5
+    assert factor.min() < 0.85 and factor.max() > 1.2  # spread over the range, one factor per sample
+    inside, outside = out[:, :, 11:21, 11:21], torch.cat([out[:, :, :5], out[:, :, -5:]], dim=2)
+    assert torch.allclose(inside, factor[:, None, None, None] * 0.5) and torch.equal(outside, x[:, :, :10])
+    ramp = (out[:, 0, 16, 5:12] - 0.5).abs()  # across the outline the change grows step by step
+    assert torch.all(ramp[:, 1:] >= ramp[:, :-1] - 1e-6) and torch.all(ramp[:, 0] < ramp[:, -1] + 1e-6)
+    assert torch.equal(augment.vary_structure_intensity(x, y, 1.0, torch.Generator().manual_seed(0)), x)
+
+
+def test_the_recipe_varies_the_structures_intensity_when_set():
+    image, label = phantom.make_phantom(5, shape=(48, 48, 16))
+    cases = [CaseData("p5", image, label)]
+
+    def batch(spread):
+        recipe = Recipe2D({"structure_intensity": spread, "remap": 0.0, "random_conv": 0.0, "gamma": 1.0,
+                           "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0, "batch_size": 8})
+        config = recipe.fit_config(cases, 6)
+        return recipe.make_sampler(config, cases, "cpu", 0).batch(0)
+
+    (plain, y), (varied, y2) = batch(1.0), batch(1.5)
+    assert torch.equal(y, y2)  # the same patches: only the intensities change
+    inside = F.max_pool2d((y == 0).float(), 5, stride=1, padding=2) == 0  # 3 px or more inside a structure
+    near = F.max_pool2d((y > 0).float(), 5, stride=1, padding=2) > 0  # within 2 px of one
+    assert inside.any() and not torch.allclose(varied[inside], plain[inside])
+    assert torch.equal(varied[~near], plain[~near])  # the rest of the patch untouched
 
 
 def _cut_edges_seen(edges=(0, 1, 2, 3)):

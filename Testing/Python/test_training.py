@@ -258,8 +258,10 @@ def test_a_bad_dropout_or_averaging_share_is_refused_before_anything_is_written(
 @pytest.mark.parametrize("setting, message", [
     ({"pseudo_label_rule": "best"}, "pseudo_label_rule must be one of ordered-largest, as-predicted, not 'best'"),
     ({"pseudo_label_share": 1.5}, "pseudo_label_share must be a number in \\[0, 1\\], not 1.5"),
-    ({"pseudo_label_share": True}, "pseudo_label_share must be a number")])
-def test_a_bad_self_training_setting_is_refused_before_anything_is_written(tmp_path, setting, message):
+    ({"pseudo_label_share": True}, "pseudo_label_share must be a number"),
+    ({"structure_intensity": 0.5}, "structure_intensity must be a factor in \\[1, 4\\] \\(1 = off\\), not 0.5"),
+    ({"structure_intensity": "1.3"}, "structure_intensity must be a factor")])
+def test_a_bad_self_training_or_augmentation_setting_is_refused_before_anything_is_written(tmp_path, setting, message):
     files = _phantom_files(tmp_path, [53], shape=(48, 48, 16))
     ws = Workspace.create(tmp_path / "ws", structure_names={1: "vertebra"})
     ws.add_case(*files[0])

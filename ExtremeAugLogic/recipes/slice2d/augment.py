@@ -265,6 +265,22 @@ def random_convolution(x: torch.Tensor, probability: float, generator: torch.Gen
     return x + apply * alpha * (y - x)
 
 
+def vary_structure_intensity(x: torch.Tensor, y: torch.Tensor, spread: float,
+                             generator: torch.Generator | None = None, blur_px: int = 2) -> torch.Tensor:
+    """Scale the intensities inside the labelled structures by one random factor per sample.
+
+    The factor is log-uniform in [1/``spread``, ``spread``] and fades to 1 across the structures'
+    outline (a box blur of ``blur_px`` pixels of the foreground mask), so no new edge appears.
+    The marrow of a vertebral body, and with it its contrast to its surroundings, differs from
+    scan to scan (its fat fraction rises with age); one delineated scan shows a single value.
+    """
+    if spread <= 1.0:
+        return x
+    soft = F.avg_pool2d((y > 0).float(), 2 * blur_px + 1, stride=1, padding=blur_px, count_include_pad=False)
+    log_factor = (torch.rand((x.shape[0], 1, 1, 1), device=x.device, generator=generator) * 2 - 1) * math.log(spread)
+    return x * torch.exp(log_factor * soft)
+
+
 def cut_field_of_view(x: torch.Tensor, y: torch.Tensor | None, probability: float, max_fraction: float,
                       generator: torch.Generator | None = None, edges: tuple[int, ...] = (0, 1, 2, 3)):
     """With ``probability`` per sample, end the field of view early at one random edge.
@@ -302,8 +318,10 @@ class OnTheFlySampler:
                  level: int, ranges: AugmentationRanges, patch: int = 128, batch_size: int = 16,
                  seed: int = 0, padding: str = "reflection", gamma: float = 1.0, contrast: float = 1.0,
                  intensity: IntensityRanges | None = None, rank: int = 0,
-                 fov_cut: float = 0.0, fov_cut_max: float = 0.4, fov_cut_edges: tuple[int, ...] = (0, 1, 2, 3)):
+                 fov_cut: float = 0.0, fov_cut_max: float = 0.4, fov_cut_edges: tuple[int, ...] = (0, 1, 2, 3),
+                 structure_intensity: float = 1.0):
         self.images, self.labels = images, labels
+        self.structure_intensity = float(structure_intensity)
         self.fov_cut, self.fov_cut_max, self.fov_cut_edges = float(fov_cut), float(fov_cut_max), tuple(fov_cut_edges)
         self.centres = torch.as_tensor(centres, dtype=torch.long, device=images.device)
         self.level, self.ranges, self.patch = int(level), ranges, patch
@@ -331,6 +349,7 @@ class OnTheFlySampler:
         if self.ranges.elastic_px > 0:
             grid = bend_grid(grid, self.ranges.elastic_px, self.images.shape[-1], self.generator)
         x, y = sample_patches(self.images, self.labels, centres[:, 0], grid, self.padding)
+        x = vary_structure_intensity(x, y, self.structure_intensity, self.generator)
         x = augment_intensity(x, self.intensity, self.generator)
         if self.fov_cut > 0:
             x, y = cut_field_of_view(x, y, self.fov_cut, self.fov_cut_max, self.generator, self.fov_cut_edges)

@@ -54,6 +54,10 @@ DEFAULTS_2D = {
     # 0.805 / 0.694 -> 0.816 / 0.708 (generalisation-explore, tenth round). A second 8-minute run, both
     # methods: 0.825 / 0.693 against the plain script's 0.764 / 0.398 (eleventh round).
     "random_conv": 0.5,
+    # The labelled structures' intensities times one factor per sample in [1/s, s], faded across their
+    # outline (augment.vary_structure_intensity): other scans' marrow is darker or brighter against its
+    # surroundings than the delineated scan's. 1.0 = off.
+    "structure_intensity": 1.0,
     "fov_cut": 0.0,              # probability of ending a sample's field of view early at one edge
     "fov_cut_max": 0.4,          # ... by up to this fraction of the patch (augment.cut_field_of_view)
     "fov_cut_edges": "any",      # any: all four edges | order: the two ends of the axis the structures are ordered along
@@ -106,7 +110,7 @@ PSEUDO_LABEL_RULES = ("ordered-largest", "as-predicted")
 PAPER_2D = {**DEFAULTS_2D, "inplane_size": 256, "inplane_fit": "stretch", "sampling": "grid",
             "translation_px": 50.0, "base_features": 16, "max_features": 256, "objects": "off", "unlabeled": "off",
             "intensity": "match", "gamma": 1.0, "contrast": 1.0, "brightness": 0.0, "bias_field": 0.0, "noise_std": 0.0,
-            "remap": 0.0, "random_conv": 0.0, "fov_cut": 0.0, "dropout": 0.0, "average_weights": 0.0,
+            "remap": 0.0, "random_conv": 0.0, "structure_intensity": 1.0, "fov_cut": 0.0, "dropout": 0.0, "average_weights": 0.0,
             "level_range": "off"}
 
 
@@ -152,6 +156,9 @@ class Recipe2D(Recipe):
         share = self.settings["pseudo_label_share"]
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
             raise InputError(f"pseudo_label_share must be a number in [0, 1], not {share!r}")
+        spread = self.settings["structure_intensity"]
+        if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 1.0 <= spread <= 4.0:
+            raise InputError(f"structure_intensity must be a factor in [1, 4] (1 = off), not {spread!r}")
 
     @classmethod
     def default_settings(cls) -> dict:
@@ -187,7 +194,8 @@ class Recipe2D(Recipe):
             centres, s["level"], augment.AugmentationRanges.from_settings(s), s["patch_size"],
             s["batch_size"], seed, s["padding"], intensity=augment.IntensityRanges.from_settings(s), rank=rank,
             fov_cut=float(s.get("fov_cut", 0.0)), fov_cut_max=float(s.get("fov_cut_max", 0.4)),
-            fov_cut_edges=_cut_edges(s.get("fov_cut_edges", "any"), labels))
+            fov_cut_edges=_cut_edges(s.get("fov_cut_edges", "any"), labels),
+            structure_intensity=float(s.get("structure_intensity", 1.0)))
 
     def training_slices(self, config: dict, cases: list[CaseData], seed: int):
         """All cases' slices (S, C, H, W: C = 1 + 2 * context_slices) stacked, labels (S, H, W),
