@@ -58,8 +58,8 @@ DEFAULTS_2D = {
     # outline (augment.vary_structure_intensity): other scans' marrow is darker or brighter against its
     # surroundings than the delineated scan's (0.65-0.90 of the body median in the shared scans, so 1.4).
     # 5 training scans x 14 at 615 iterations: 0.830 / 0.773 -> 0.834 / 0.810, three whole-scan level
-    # shifts mended, none made, worst pair 0.665 -> 0.711; discs: see generalisation-explore (seventeenth
-    # round). 1.0 = off.
+    # shifts mended, none made, worst pair 0.665 -> 0.711; discs (6 pairs, 600 iterations) 0.752 / 0.688 ->
+    # 0.763 / 0.589, one pair shifted a level (generalisation-explore, seventeenth round). 1.0 = off.
     "structure_intensity": 1.4,
     "fov_cut": 0.0,              # probability of ending a sample's field of view early at one edge
     "fov_cut_max": 0.4,          # ... by up to this fraction of the patch (augment.cut_field_of_view)
