@@ -135,6 +135,15 @@ def _cut_edges(rule: str, labels: np.ndarray) -> tuple[int, ...]:
     return {1: (0, 1), 2: (2, 3)}.get(axis, (0, 1, 2, 3))
 
 
+def _check_number(settings: dict, key: str, low: float, high: float, what: str, top_included: bool = True) -> None:
+    """Refuse ``settings[key]`` with one line unless it is a number (not a bool) in [low, high]
+    (or [low, high) when ``top_included`` is False)."""
+    value = settings[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (low <= value <= high if top_included else low <= value < high):
+        raise InputError(f"{key} must be {what}, not {value!r}")
+
+
 class Recipe2D(Recipe):
     """The extreme-augmentation paper's method (Gaonkar et al.), with measured improvements."""
 
@@ -153,15 +162,9 @@ class Recipe2D(Recipe):
         if self.settings["level_range"] not in ("off", "registration"):
             raise InputError(f"level_range must be 'off' or 'registration', not {self.settings['level_range']!r}")
         for key in ("dropout", "average_weights"):
-            value = self.settings[key]
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise InputError(f"{key} must be a number in [0, 1), not {value!r}")
-        share = self.settings["pseudo_label_share"]
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-            raise InputError(f"pseudo_label_share must be a number in [0, 1], not {share!r}")
-        spread = self.settings["structure_intensity"]
-        if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 1.0 <= spread <= 4.0:
-            raise InputError(f"structure_intensity must be a factor in [1, 4] (1 = off), not {spread!r}")
+            _check_number(self.settings, key, 0.0, 1.0, "a number in [0, 1)", top_included=False)
+        _check_number(self.settings, "pseudo_label_share", 0.0, 1.0, "a number in [0, 1]")
+        _check_number(self.settings, "structure_intensity", 1.0, 4.0, "a factor in [1, 4] (1 = off)")
 
     @classmethod
     def default_settings(cls) -> dict:
