@@ -10,6 +10,7 @@ from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.recipes.base import CaseData, PreparedCase, ProgressCallback, Recipe, RecipeConfig
 from ExtremeAugLogic.recipes.slice2d import augment, patches, preprocess
 from ExtremeAugLogic.recipes.slice2d.network import ResUNet2D
+from ExtremeAugLogic.recipes.slice2d.views import VIEW_SETS, averaged_over_views, views_for
 from ExtremeAugLogic.recipes.windows import window_probabilities
 
 # Defaults chosen by measurement (docs/results/tuning-2d.md): whole 128 px slices as patches
@@ -104,6 +105,10 @@ DEFAULTS_2D = {
     "dropout": 0.0,
     "average_weights": 0.0,
     "overlap": 0.5,
+    # Test-time views (views.VIEW_SETS): each slice also predicted rotated by +/-10 degrees ("rotate"),
+    # scaled by 0.9 and 1.1 ("scale") or both ("rotate-scale"), the probabilities averaged; each view
+    # costs one more pass of the network. Not measured yet: off.
+    "test_views": "off",
     "offline_dir": None,         # read an offline N-fold dataset instead of augmenting live
 }
 
@@ -166,6 +171,7 @@ class Recipe2D(Recipe):
             _check_number(self.settings, key, 0.0, 1.0, "a number in [0, 1)", top_included=False)
         _check_number(self.settings, "pseudo_label_share", 0.0, 1.0, "a number in [0, 1]")
         _check_number(self.settings, "structure_intensity", 1.0, 4.0, "a factor in [1, 4] (1 = off)")
+        views_for(self.settings["test_views"])
 
     @classmethod
     def default_settings(cls) -> dict:
@@ -235,17 +241,26 @@ class Recipe2D(Recipe):
                               progress: ProgressCallback = None) -> np.ndarray:
         s = config["settings"]
         stack = self.preprocess(config, image)
-        slices = self._input_channels(s, stack.image)
+        out = self.slice_probabilities(model, config, self._input_channels(s, stack.image), device, tta,
+                                       views_for(s.get("test_views", "off")), progress)
+        return preprocess.from_slices(out, stack.geometry)
+
+    @torch.no_grad()
+    def slice_probabilities(self, model, config: dict, slices: np.ndarray, device, tta: bool = False,
+                            views=VIEW_SETS["off"], progress: ProgressCallback = None) -> np.ndarray:
+        """(K+1, S, H, W) probabilities of the network's (S, C, H, W) input slices, averaged over ``views``."""
+        s = config["settings"]
         roi = (s["patch_size"], s["patch_size"])
         chunk = 16 if str(device) == "cpu" else 64
-        out = np.zeros((config["num_classes"], *stack.image.shape), dtype=np.float32)
+        out = np.zeros((config["num_classes"], len(slices), *slices.shape[2:]), dtype=np.float32)
         for start in range(0, len(slices), chunk):
             x = torch.from_numpy(slices[start:start + chunk]).to(device)
-            p = window_probabilities(model, x, roi, device, overlap=s["overlap"], tta=tta)
+            p = averaged_over_views(lambda v: window_probabilities(model, v, roi, device, overlap=s["overlap"], tta=tta),
+                                    x, views, s.get("padding", "zeros"))
             out[:, start:start + len(x)] = p.permute(1, 0, 2, 3).cpu().numpy()
             if progress:
                 progress(min(start + chunk, len(slices)), len(slices))
-        return preprocess.from_slices(out, stack.geometry)
+        return out
 
     @staticmethod
     def _input_channels(settings: dict, slices: np.ndarray) -> np.ndarray:
