@@ -5,7 +5,7 @@
 A model with the default 2D settings is trained for a couple of iterations (prediction time
 does not depend on the weights), then ``inference.predict_array`` (sliding windows, Gaussian
 blending, speck removal) is timed in this process, with and without flip test-time
-augmentation, and ``python -m ExtremeAugLogic predict`` end to end (start-up, reading, writing)
+augmentation and with each set of test-time views (the 2D setting ``test_views``), and ``python -m ExtremeAugLogic predict`` end to end (start-up, reading, writing)
 as the Slicer module runs it.
 """
 
@@ -44,6 +44,12 @@ def scans(quick: bool, work: Path):
     return str(paths[0]), str(work / "p1_label.nii.gz"), str(paths[1]), f"phantom {shape}"
 
 
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (small phantom, tiny model)")
@@ -56,6 +62,7 @@ def main() -> None:
 
     from ExtremeAugLogic.workspace.imageio import read_image
     from ExtremeAugLogic.inference import load_model, predict_array
+    from ExtremeAugLogic.recipes.slice2d.views import VIEW_SETS
     from ExtremeAugLogic.workspace import Workspace
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -82,21 +89,31 @@ def main() -> None:
         start = time.perf_counter()
         predict_array(recipe, config, model, image, device, tta=True)
         tta = time.perf_counter() - start
+        views = {}
+        for name in VIEW_SETS:
+            if name == "off":
+                continue
+            config.settings["test_views"] = name
+            views[name] = statistics.median(_seconds(lambda: predict_array(recipe, config, model, image, device))
+                                            for _ in range(repeats))
+        config.settings["test_views"] = "off"
         out = work / f"pred-{device.replace(':', '')}.nii.gz"
         cli = run_child(engine("predict", ws.path, "--image", target, "--output", out, "--device", device))
         assert labels.shape == tuple(reversed(size))
-        slices = recipe.preprocess(config, image).images.shape[0]
-        rows.append((device, statistics.median(times), min(times), tta, cli["wall_s"], slices))
+        slices = recipe.preprocess(config, image).image.shape[0]
+        rows.append((device, statistics.median(times), min(times), tta, views, cli["wall_s"], slices))
     lines = [f"# Inference time for one scan (2D model, default settings)", "",
              f"- machine: {machine()}",
              f"- command: `python benchmarks/bench_inference.py{' --quick' if args.quick else ''}`",
              f"- scan: {description}, size {size[0]} x {size[1]} x {size[2]}; model trained 2 iterations "
              f"(time does not depend on the weights); {repeats} timed run(s){'' if args.quick else ' after a warm-up'}; torch threads "
              f"{torch.get_num_threads()}" + (f"; quick settings {settings}" if settings else ""), "",
-             "| device | predict_array median s | min s | slices/s | with flip TTA s | CLI predict wall s (start-up + I/O) |",
-             "|---|---|---|---|---|---|"]
-    for device, median, best, tta, cli, slices in rows:
-        lines.append(f"| {device} | {median:.2f} | {best:.2f} | {slices / median:.0f} | {tta:.2f} | {cli:.1f} |")
+             "| device | predict_array median s | min s | slices/s | with flip TTA s | "
+             + " | ".join(f"test_views {n} s" for n in VIEW_SETS if n != "off") + " | CLI predict wall s (start-up + I/O) |",
+             "|---|---|---|---|---|" + "---|" * (len(VIEW_SETS) - 1) + "---|"]
+    for device, median, best, tta, views, cli, slices in rows:
+        lines.append(f"| {device} | {median:.2f} | {best:.2f} | {slices / median:.0f} | {tta:.2f} | "
+                     + " | ".join(f"{v:.2f}" for v in views.values()) + f" | {cli:.1f} |")
     shutil.rmtree(work, ignore_errors=True)
     report = "\n".join(lines) + "\n"
     publish(report, args.out)
