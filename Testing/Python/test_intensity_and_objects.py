@@ -16,8 +16,6 @@ from ExtremeAugLogic.inference import labels_from_probabilities
 from ExtremeAugLogic.recipes.slice2d import augment
 from ExtremeAugLogic.recipes.base import CaseData
 from ExtremeAugLogic.recipes.slice2d.recipe import Recipe2D, _cut_edges
-from ExtremeAugLogic.training import TrainRequest, train
-from ExtremeAugLogic.workspace import Workspace
 from ExtremeAugLogic.workspace.imageio import read_label, write_image
 
 
@@ -193,15 +191,8 @@ def test_rules_for_structure_labels():
         labels_from_probabilities(probabilities, config, "sideways", 0)
 
 
-def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    pairs = phantom.write_phantom_set(folder, 2, seed0=5, shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0))
-    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
-    ws.add_case(*pairs[0])
-    small = {"inplane_size": 48, "patch_size": 48, "stride": 24, "base_features": 4, "depth": 3, "max_features": 16,
-             "batch_size": 4}
-    train(TrainRequest(str(ws.path), iterations=3, settings=small, progress_bar=False))
+def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path, tiny_phantom_model):
+    ws, pairs = tiny_phantom_model()
     config = json.loads((ws.model_dir("v1") / "config.json").read_text())
     order = config["structure_order"]
     assert order["axis"] == 0 and sorted(order["labels"]) == sorted(ws.structure_names())
@@ -222,15 +213,8 @@ def test_training_stores_the_structure_order_and_predict_applies_it(tmp_path):
     assert bad.returncode == 2 and not (tmp_path / "x.nii.gz").exists()
 
 
-def test_a_2_5d_model_trains_and_predicts_on_the_scan_grid(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    pairs = phantom.write_phantom_set(folder, 2, seed0=7, shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0))
-    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
-    ws.add_case(*pairs[0])
-    small = {"inplane_size": 48, "patch_size": 48, "stride": 24, "base_features": 4, "depth": 3, "max_features": 16,
-             "batch_size": 4, "context_slices": 1, "context_step": 2, "remap": 0.5, "random_conv": 0.5, "fov_cut": 0.5}
-    train(TrainRequest(str(ws.path), iterations=3, settings=small, progress_bar=False))
+def test_a_2_5d_model_trains_and_predicts_on_the_scan_grid(tiny_phantom_model):
+    ws, pairs = tiny_phantom_model(seed0=7, context_slices=1, context_step=2, remap=0.5, random_conv=0.5, fov_cut=0.5)
     from ExtremeAugLogic.inference.predict import load_model
 
     recipe, config, model, _ = load_model(ws, None, "cpu")

@@ -76,23 +76,13 @@ def test_an_unknown_set_is_refused_in_one_line():
     assert Recipe2D({"preset": "paper"}).settings["test_views"] == "off"
 
 
-def test_a_model_predicts_with_its_views_and_their_mean_is_the_mean_of_single_views(tmp_path):
+def test_a_model_predicts_with_its_views_and_their_mean_is_the_mean_of_single_views(tiny_phantom_model):
     import SimpleITK as sitk
 
-    from ExtremeAugLogic.demo import phantom
     from ExtremeAugLogic.inference.predict import load_model
     from ExtremeAugLogic.recipes.slice2d import preprocess
-    from ExtremeAugLogic.training import TrainRequest, train
-    from ExtremeAugLogic.workspace import Workspace
 
-    folder = tmp_path / "data"
-    folder.mkdir()
-    pairs = phantom.write_phantom_set(folder, 2, seed0=5, shape=(48, 48, 24), spacing=(4.0, 4.0, 4.0))
-    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
-    ws.add_case(*pairs[0])
-    small = {"inplane_size": 48, "patch_size": 48, "stride": 24, "base_features": 4, "depth": 3, "max_features": 16,
-             "batch_size": 4, "test_views": "rotate"}
-    train(TrainRequest(str(ws.path), iterations=3, settings=small, progress_bar=False))
+    ws, pairs = tiny_phantom_model(test_views="rotate")
     recipe, config, model, _ = load_model(ws, None, "cpu")
     assert config.settings["test_views"] == "rotate"
     image = sitk.ReadImage(str(pairs[1][0]))
