@@ -86,9 +86,7 @@ def main() -> None:
             start = time.perf_counter()
             labels = predict_array(recipe, config, model, image, device)
             times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        predict_array(recipe, config, model, image, device, tta=True)
-        tta = time.perf_counter() - start
+        tta = _seconds(lambda: predict_array(recipe, config, model, image, device, tta=True))
         views = {}
         for name in VIEW_SETS:
             if name == "off":
