@@ -2,8 +2,9 @@
 
     python benchmarks/bench_inference.py [--quick] [--out docs/results/bench-inference.md]
 
-A model with the default 2D settings is trained for a couple of iterations (prediction time
-does not depend on the weights), then ``inference.predict_array`` (sliding windows, Gaussian
+A model with the default 2D settings is trained for a couple of iterations (the network's time
+does not depend on the weights; the labelling after it is slower on such a model's noisy
+probabilities than on a trained one's), then ``inference.predict_array`` (sliding windows, Gaussian
 blending, speck removal) is timed in this process, with and without flip test-time
 augmentation and with each set of test-time views (the 2D setting ``test_views``), and ``python -m ExtremeAugLogic predict`` end to end (start-up, reading, writing)
 as the Slicer module runs it.

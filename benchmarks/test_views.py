@@ -31,7 +31,6 @@ SHIFTED = 0.2  # a pair whose per-structure Dice is below this while binary is a
 def score_views(folder: Path, run: dict, data: Path, labels: list[int], device_name: str) -> dict:
     """{set: {scan: {binary_dice, mean_dice, predict_s}}} of one kept run's model."""
     import SimpleITK as sitk
-    import torch
 
     from ExtremeAugLogic.devices import resolve_device
     from ExtremeAugLogic.evaluation import dice_scores
@@ -41,7 +40,6 @@ def score_views(folder: Path, run: dict, data: Path, labels: list[int], device_n
     from ExtremeAugLogic.workspace import Workspace
     from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_image, read_label
 
-    torch.manual_seed(0)
     device = resolve_device(device_name)
     recipe, config, model, _ = load_model(Workspace.open(folder / "ws"), run["version"], device)
     if config.get("structure_order") is None and config.settings.get("objects") not in (None, "off", "per-object"):
@@ -54,7 +52,7 @@ def score_views(folder: Path, run: dict, data: Path, labels: list[int], device_n
         reference = sitk.GetArrayFromImage(read_label(data / f"{case}_label.nii.gz", reference=image))  # a copy: a view dies with the image
         start = time.perf_counter()
         stack = recipe.preprocess(config, image)
-        slices = recipe._input_channels(config.settings, stack.image)
+        slices = recipe.input_channels(config.settings, stack.image)
         prep_s = time.perf_counter() - start
         single, seconds = {}, {}
         for view in views:

@@ -90,7 +90,7 @@ def test_a_model_predicts_with_its_views_and_their_mean_is_the_mean_of_single_vi
     assert with_views.shape == (config["num_classes"], *sitk.GetArrayViewFromImage(image).shape)
     assert np.allclose(with_views.sum(axis=0), 1.0, atol=1e-4)
     stack = recipe.preprocess(config, image)
-    slices = recipe._input_channels(config.settings, stack.image)
+    slices = recipe.input_channels(config.settings, stack.image)
     singles = [recipe.slice_probabilities(model, config, slices, "cpu", views=(v,)) for v in VIEW_SETS["rotate"]]
     assert np.allclose(preprocess.from_slices(np.mean(singles, axis=0), stack.geometry), with_views, atol=1e-5)
     plain = preprocess.from_slices(singles[0], stack.geometry)

@@ -226,7 +226,7 @@ class Recipe2D(Recipe):
             offset += len(stack.image)
             stacks.append(stack)
             all_centres.append(centres)
-        images = np.concatenate([self._input_channels(s, st.image) for st in stacks])
+        images = np.concatenate([self.input_channels(s, st.image) for st in stacks])
         labels = np.concatenate([st.label for st in stacks])
         return images, labels, np.concatenate(all_centres)
 
@@ -244,7 +244,7 @@ class Recipe2D(Recipe):
                               progress: ProgressCallback = None) -> np.ndarray:
         s = config["settings"]
         stack = self.preprocess(config, image)
-        out = self.slice_probabilities(model, config, self._input_channels(s, stack.image), device, tta,
+        out = self.slice_probabilities(model, config, self.input_channels(s, stack.image), device, tta,
                                        views_for(s.get("test_views", "off")), progress)
         return preprocess.from_slices(out, stack.geometry)
 
@@ -266,7 +266,7 @@ class Recipe2D(Recipe):
         return out
 
     @staticmethod
-    def _input_channels(settings: dict, slices: np.ndarray) -> np.ndarray:
+    def input_channels(settings: dict, slices: np.ndarray) -> np.ndarray:
         """The network's input for (S, H, W) slices: (S, C, H, W), 2.5D when ``context_slices`` > 0."""
         return preprocess.with_neighbours(slices, int(settings.get("context_slices", 0)),
                                           int(settings.get("context_step", 1)))
