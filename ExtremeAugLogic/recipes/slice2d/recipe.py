@@ -95,7 +95,8 @@ DEFAULTS_2D = {
     # Batch 8, not 16: the same patches a second, so twice the steps in the same time. 5 training scans x 14
     # with the 14 as worklist, two seeds, 1,230 iterations of 8 against 615 of 16 (4 % more time, AVX-512
     # host): 0.825 / 0.772 -> 0.834 / 0.791, binary higher on 9 of 10 runs and on 61 of 140 pairs (18
-    # lower), peak memory 1.29 -> 1.17 GB (generalisation-explore, twentieth round).
+    # lower), peak memory 1.29 -> 1.17 GB. Discs, two seeds: 0.784 / 0.753 -> 0.806 / 0.665 (binary up with both;
+    # seed 0 named every disc of two pairs one level off; generalisation-explore, twentieth round).
     "batch_size": 8,
     "learning_rate": 2e-3,
     "base_features": 8,
