@@ -208,7 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     parser.add_argument("--seconds", type=float, default=None, help="time per measurement (default 10; 1 with --quick)")
-    parser.add_argument("--batch", type=int, default=16, help="our batch size (default 16; the training batch is 8 since 2026-12-07)")
+    parser.add_argument("--batch", type=int, default=16, help="our batch size (default 16)")
     parser.add_argument("--samples", type=int, default=None, help="parameter draws for the distribution check")
     parser.add_argument("--out", help="write a markdown snippet here")
     args = parser.parse_args()
