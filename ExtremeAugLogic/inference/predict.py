@@ -117,9 +117,9 @@ def labels_from_probabilities(probabilities: np.ndarray, config: dict, objects: 
 def pseudo_labels_from_probabilities(probabilities: np.ndarray, config: dict, spacing) -> np.ndarray:
     """Self-training's label map of a worklist scan, by the model's ``pseudo_label_rule`` setting.
 
-    "ordered-largest" (default) is the rule self-training was first measured with: the ordered
-    rule with the chain of the largest parts (the split of long objects and the chain of levels
-    came later, measured on predictions). "as-predicted" labels it as a prediction is labelled.
+    "as-predicted" (the recipe's default) labels it as a prediction is labelled. "ordered-largest"
+    is the rule self-training was first measured with: the ordered rule with the chain of the
+    largest parts; a model config without the setting (made before it existed) keeps it.
     """
     if config["settings"].get("pseudo_label_rule", "ordered-largest") == "as-predicted":
         return labels_from_probabilities(probabilities, config, spacing=spacing)
