@@ -94,7 +94,7 @@ def render_paired(rows: list[dict], a_name: str, b_name: str) -> str:
         lines.append(f"| {r['train']} | {r['pairs']} | {r['a'][0]:.3f} / {r['a'][1]:.3f} | {r['b'][0]:.3f} / {r['b'][1]:.3f} | "
                      f"{r['b'][0] - r['a'][0]:+.3f} | {r['better']} / {r['worse']} | {r['worst'][0]:.3f} / {r['worst'][1]:.3f} | "
                      f"{len(shift_a)} -> {len(shift_b)}"
-                     + (f" ({', '.join(shift_a) or '-'} -> {', '.join(shift_b) or '-'})" if r["pairs"] < 20 else "")
+                     + ("" if r is rows[-1] else f" ({', '.join(shift_a) or '-'} -> {', '.join(shift_b) or '-'})")
                      + f" | {r['iterations'][0]:.0f} / {r['iterations'][1]:.0f} |")
     return "\n".join(lines) + "\n"
 
