@@ -28,6 +28,9 @@ SMOOTHING_MM = (2.0,)
 OPTIMISER_STEPS = 100
 # At most this many delineated scans serve as guides (each costs one registration per scan).
 MAX_GUIDES = 3
+# Self-training's level check: a pseudo-label's first and last structures must lie within this many
+# pitches of where the guide puts them (set before any measurement: half the distance to the next level).
+LEVEL_CHECK_PITCHES = 0.5
 
 
 def rigid_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -83,6 +86,38 @@ class LevelGuide:
         if not firsts:
             return None
         return float(np.median(firsts)), float(np.median(lasts))
+
+
+def end_offsets(label_map: np.ndarray, expected: tuple[float, float], order: dict,
+                pitch: float) -> list[float | None]:
+    """How far (in pitches) ``label_map``'s first and last ordered structures lie from ``expected``
+    (``LevelGuide.range_for``): [first, last]; None for an end the map lacks."""
+    axis = int(order["axis"])
+    counts, centroid, _ = _positions_along(label_map.astype(np.int64), axis)
+    offsets = []
+    for value, where in zip((int(order["labels"][0]), int(order["labels"][-1])), expected):
+        present = value < len(counts) and counts[value] > 0
+        offsets.append(round(abs(float(centroid[value]) - where) / pitch, 3) if present else None)
+    return offsets
+
+
+def levels_agree(label_map: np.ndarray, expected: tuple[float, float], order: dict, pitch: float,
+                 tolerance: float = LEVEL_CHECK_PITCHES) -> bool:
+    """True when ``label_map`` names its levels where the guide expects them.
+
+    Each end (first and last ordered structure) must lie within ``tolerance`` pitches of its
+    expected centroid; an end the map lacks passes only when its expected centroid lies outside
+    the scan (the field of view stops before it), so a map with every level shifted by one, or a
+    missing level that the scan shows, fails.
+    """
+    length = label_map.shape[int(order["axis"])]
+    for offset, where in zip(end_offsets(label_map, expected, order, pitch), expected):
+        if offset is None:
+            if -0.5 <= where <= length - 0.5:
+                return False
+        elif offset > tolerance:
+            return False
+    return True
 
 
 def guide_from_cases(cases, config: dict) -> LevelGuide | None:

@@ -37,7 +37,8 @@ from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation.scoring import score_model
-from ExtremeAugLogic.inference.level_range import guide_for_version, guide_from_cases
+from ExtremeAugLogic.inference.level_range import (LevelGuide, end_offsets, guide_for_version, guide_from_cases,
+                                                   levels_agree)
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import (load_model, load_weights, pseudo_labels_from_probabilities,
                                                read_config, save_model, to_label_image)
@@ -362,7 +363,10 @@ class _Trainer:
         Self-training: each worklist scan is predicted (``pseudo_label_rule``); a scan joins when
         the model is confident on it (mean top probability inside its predicted structures >=
         ``pseudo_label_confidence``) or is among the most confident ``pseudo_label_share`` of the
-        worklist, so a scan the model cannot read yet does not teach it its own mistakes.
+        worklist, so a scan the model cannot read yet does not teach it its own mistakes. With
+        ``pseudo_label_check=registration`` a joining scan must also name its levels where the
+        delineated scans, registered onto it, put them (``_level_checked``): confidence does not
+        see a pseudo-label with every level shifted by one.
         """
         self.pseudo_done = True
         s = self.config["settings"]
@@ -378,20 +382,53 @@ class _Trainer:
             confidence = float(probabilities.max(axis=0)[foreground].mean()) if foreground.any() else 0.0
             kept[entry["id"]] = round(confidence, 4)
             labelled[entry["id"]] = labels  # the images are read again for the scans that join
+        joining, level_check = confident_scans(kept, threshold, share), None
+        if s.get("pseudo_label_check", "off") == "registration":
+            joining, level_check = self._level_checked(joining, labelled)
         pseudo = []
-        for case_id in confident_scans(kept, threshold, share):
+        for case_id in joining:
             image = imageio.read_image(self.ws.image_path(case_id))
             pseudo.append(CaseData(case_id, image, to_label_image(labelled[case_id], image)))
         if self.main:
-            self.ws.update_version(self.version, pseudo_labels={"confidence": kept, "threshold": threshold,
-                                                                "share": share, "used": [c.case_id for c in pseudo],
-                                                                "at_iteration": int(iteration)})
+            record = {"confidence": kept, "threshold": threshold, "share": share,
+                      "used": [c.case_id for c in pseudo], "at_iteration": int(iteration)}
+            if level_check is not None:
+                record["level_check"] = level_check
+            self.ws.update_version(self.version, pseudo_labels=record)
         self.status.update(phase="training", message=f"training with {len(pseudo)} pseudo-labelled scan(s)")
         if not pseudo:
             return self.sampler
         self.sampler = self.recipe.make_sampler(self.config, self.train_cases + pseudo, self.device,
                                                 self.req.seed + iteration, rank=self.place.rank)
         return self.sampler
+
+    def _level_checked(self, candidates: list[str], labelled: dict) -> tuple[list[str], dict]:
+        """The candidates whose pseudo-labels put their first and last structures within
+        ``level_range.LEVEL_CHECK_PITCHES`` of where the delineated scans, rigidly registered onto
+        the scan, put them (``level_range.levels_agree``), and a record per candidate: the two
+        offsets in pitches and whether it joins, or why it was not checked ("no guide": the
+        registration failed, the scan joins on confidence alone). Without a structure order and
+        pitch in the config nothing can be checked and every candidate joins.
+        """
+        order = self.config.get("structure_order")
+        if not order or len(order["labels"]) < 2 or not order.get("pitch_mm"):
+            return candidates, {case_id: "no structure order" for case_id in candidates}
+        self.status.update(message=f"checking the levels of {len(candidates)} pseudo-label(s) by registration")
+        guide = LevelGuide([(case.image, case.label) for case in self.train_cases if case.label is not None], order)
+        passed, record = [], {}
+        for case_id in candidates:
+            image = imageio.read_image(self.ws.image_path(case_id))
+            expected = guide.range_for(image)
+            if expected is None:
+                passed.append(case_id)
+                record[case_id] = "no guide"
+                continue
+            pitch = float(order["pitch_mm"]) / case_spacing_zyx(image)[int(order["axis"])]
+            joins = levels_agree(labelled[case_id], expected, order, pitch)
+            record[case_id] = {"offsets": end_offsets(labelled[case_id], expected, order, pitch), "joins": joins}
+            if joins:
+                passed.append(case_id)
+        return passed, record
 
     @staticmethod
     def _fraction(iteration, elapsed, total_iters, budget_s) -> float:

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 
 from ExtremeAugLogic import cli
 from ExtremeAugLogic.demo import phantom
-from ExtremeAugLogic.inference.level_range import LevelGuide, guide_for_version, guide_from_cases
+from ExtremeAugLogic.inference.level_range import (LevelGuide, end_offsets, guide_for_version, guide_from_cases,
+                                                   levels_agree)
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.workspace import Workspace
 
@@ -94,3 +95,60 @@ def test_a_registration_that_fails_gives_no_range_instead_of_an_error(monkeypatc
 
     monkeypatch.setattr(level_range, "rigid_transform", gives_up)
     assert LevelGuide([(atlas_image, atlas_label)], order).range_for(atlas_image) is None
+
+
+LEVELS = {"axis": 0, "labels": [1, 2, 3, 4, 5]}
+PITCH = 10.0  # voxels between consecutive levels along axis 0
+
+
+def chain_of_levels(shape=(60, 8, 8), first_centre=8, labels=(1, 2, 3, 4, 5)):
+    """A label map with slabs 6 voxels thick, one level every PITCH voxels along axis 0 from ``first_centre``."""
+    labels_map = np.zeros(shape, np.uint8)
+    for i, value in enumerate(labels):
+        centre = int(first_centre + i * PITCH)
+        if 0 <= centre < shape[0]:
+            labels_map[max(centre - 3, 0):centre + 3] = value
+    return labels_map
+
+
+def test_levels_agree_with_the_guide_within_half_a_pitch_and_not_when_every_level_is_shifted():
+    truth = chain_of_levels()
+    expected = (8.0 - 0.5, 48.0 - 0.5)  # slab centroids of the chain above
+    assert levels_agree(truth, expected, LEVELS, PITCH)
+    assert end_offsets(truth, expected, LEVELS, PITCH) == [0.0, 0.0]
+    assert levels_agree(chain_of_levels(first_centre=11), expected, LEVELS, PITCH)  # 0.3 pitch off: agrees
+    shifted = chain_of_levels(shape=(70, 8, 8), first_centre=18)  # every level named one below where it is
+    assert end_offsets(shifted, expected, LEVELS, PITCH) == [1.0, 1.0]
+    assert not levels_agree(shifted, expected, LEVELS, PITCH)
+    assert not levels_agree(chain_of_levels(first_centre=14), expected, LEVELS, PITCH)  # 0.6 pitch: too far
+
+
+def test_a_missing_end_fails_the_level_check_only_when_the_scan_shows_where_it_should_be():
+    missing_last = chain_of_levels(labels=(1, 2, 3, 4))
+    assert end_offsets(missing_last, (7.5, 47.5), LEVELS, PITCH) == [0.0, None]
+    assert not levels_agree(missing_last, (7.5, 47.5), LEVELS, PITCH)  # L5 lies inside the scan, unlabelled
+    cut = chain_of_levels(shape=(44, 8, 8))  # the scan ends before L5's centre: no L5 in the map
+    assert not (cut == 5).any()
+    assert levels_agree(cut, (7.5, 47.5), LEVELS, PITCH)  # the guide puts L5 beyond the last slice
+
+
+def test_self_training_with_the_level_check_records_each_candidate_and_keeps_only_those_that_agree(tmp_path):
+    ws, _ = small_workspace(tmp_path)
+    settings = {**SMALL, "pseudo_label_check": "registration", "pseudo_label_confidence": 0.0, "pseudo_label_at": 0.5}
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert cli.main(["train", str(ws.path), "--iterations", "4", "--quiet", *sets]) == 0
+    record = ws.version(ws.best_version())["pseudo_labels"]
+    assert set(record["level_check"]) == {"waiting"}  # every confident scan (threshold 0: all) was checked
+    check = record["level_check"]["waiting"]
+    if check == "no guide":
+        assert record["used"] == ["waiting"]
+    else:
+        assert len(check["offsets"]) == 2
+        agrees = all(o is not None and o <= 0.5 for o in check["offsets"])
+        assert check["joins"] == agrees or None in check["offsets"]
+        assert (record["used"] == ["waiting"]) == check["joins"]
+    off = {**settings, "pseudo_label_check": "off"}
+    sets = [a for k, v in off.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert cli.main(["train", str(ws.path), "--iterations", "4", "--quiet", *sets]) == 0
+    record = ws.version(ws.manifest()["versions"][-1]["name"])["pseudo_labels"]
+    assert "level_check" not in record and record["used"] == ["waiting"]

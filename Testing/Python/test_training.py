@@ -257,6 +257,7 @@ def test_a_bad_dropout_or_averaging_share_is_refused_before_anything_is_written(
 
 @pytest.mark.parametrize("setting, message", [
     ({"pseudo_label_rule": "best"}, "pseudo_label_rule must be one of ordered-largest, as-predicted, not 'best'"),
+    ({"pseudo_label_check": "atlas"}, "pseudo_label_check must be 'off' or 'registration', not 'atlas'"),
     ({"pseudo_label_share": 1.5}, "pseudo_label_share must be a number in \\[0, 1\\], not 1.5"),
     ({"pseudo_label_share": True}, "pseudo_label_share must be a number"),
     ({"structure_intensity": 0.5}, "structure_intensity must be a factor in \\[1, 4\\] \\(1 = off\\), not 0.5"),
