@@ -21,21 +21,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from common import require_data
-
-
-def centroid_gaps(label_map: np.ndarray, axis: int, first: int, last: int, expected, pitch: float) -> list:
-    """Distance in pitches from ``expected`` (first, last centroids) to the label map's; None where absent."""
-    from ExtremeAugLogic.inference.structure_order import _positions_along
-
-    counts, centroid, _ = _positions_along(label_map.astype(np.int64), axis)
-    gaps = []
-    for value, where in zip((first, last), expected):
-        present = value < len(counts) and counts[value] > 0
-        gaps.append(round(abs(where - centroid[value]) / pitch, 3) if present else None)
-    return gaps
 
 
 def probe_folder(folder: Path, data: Path) -> list[dict]:
@@ -43,7 +29,7 @@ def probe_folder(folder: Path, data: Path) -> list[dict]:
 
     from ExtremeAugLogic.evaluation import dice_scores
     from ExtremeAugLogic.inference import load_model
-    from ExtremeAugLogic.inference.level_range import LevelGuide
+    from ExtremeAugLogic.inference.level_range import LevelGuide, end_offsets
     from ExtremeAugLogic.inference.predict import pseudo_labels_from_probabilities
     from ExtremeAugLogic.workspace import Workspace
     from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_image, read_label
@@ -72,8 +58,8 @@ def probe_folder(folder: Path, data: Path) -> list[dict]:
         rows.append({"train": train, "case": case, "binary": dice["binary_dice"], "per": dice["mean_dice"],
                      "conf": float(probabilities.max(axis=0)[inside].mean()) if inside.any() else 0.0,
                      "joined": case in joined,
-                     "reg_vs_pred": centroid_gaps(pseudo, axis, labels[0], labels[-1], expected, pitch) if expected else None,
-                     "reg_vs_truth": centroid_gaps(truth, axis, labels[0], labels[-1], expected, pitch) if expected else None,
+                     "reg_vs_pred": end_offsets(pseudo, expected, order, pitch) if expected else None,
+                     "reg_vs_truth": end_offsets(truth, expected, order, pitch) if expected else None,
                      "reg_s": round(time.perf_counter() - start, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows

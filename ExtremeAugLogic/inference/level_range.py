@@ -55,8 +55,7 @@ def rigid_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
 
 def _wants_guide(config: dict) -> bool:
     """True when the model asks for a guide and its training labels showed an order of two or more."""
-    order = config.get("structure_order")
-    return config["settings"].get("level_range", "off") == "registration" and bool(order) and len(order["labels"]) >= 2
+    return config["settings"].get("level_range", "off") == "registration" and has_level_chain(config)
 
 
 class LevelGuide:
@@ -101,9 +100,10 @@ def end_offsets(label_map: np.ndarray, expected: tuple[float, float], order: dic
     return offsets
 
 
-def levels_agree(label_map: np.ndarray, expected: tuple[float, float], order: dict, pitch: float,
-                 tolerance: float = LEVEL_CHECK_PITCHES) -> bool:
-    """True when ``label_map`` names its levels where the guide expects them.
+def level_verdict(label_map: np.ndarray, expected: tuple[float, float], order: dict, pitch: float,
+                  tolerance: float = LEVEL_CHECK_PITCHES) -> dict:
+    """Whether ``label_map`` names its levels where the guide expects them: {"offsets": the two
+    ``end_offsets``, "joins": bool}.
 
     Each end (first and last ordered structure) must lie within ``tolerance`` pitches of its
     expected centroid; an end the map lacks passes only when its expected centroid lies outside
@@ -111,13 +111,16 @@ def levels_agree(label_map: np.ndarray, expected: tuple[float, float], order: di
     missing level that the scan shows, fails.
     """
     length = label_map.shape[int(order["axis"])]
-    for offset, where in zip(end_offsets(label_map, expected, order, pitch), expected):
-        if offset is None:
-            if -0.5 <= where <= length - 0.5:
-                return False
-        elif offset > tolerance:
-            return False
-    return True
+    offsets = end_offsets(label_map, expected, order, pitch)
+    joins = all(-0.5 > where or where > length - 0.5 if offset is None else offset <= tolerance
+                for offset, where in zip(offsets, expected))
+    return {"offsets": offsets, "joins": joins}
+
+
+def has_level_chain(config: dict) -> bool:
+    """True when the model's training labels showed an order of two or more structures."""
+    order = config.get("structure_order")
+    return bool(order) and len(order["labels"]) >= 2
 
 
 def guide_from_cases(cases, config: dict) -> LevelGuide | None:

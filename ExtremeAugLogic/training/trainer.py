@@ -37,8 +37,8 @@ from ExtremeAugLogic import contract
 from ExtremeAugLogic.devices import autocast, is_gpu, resolve_device
 from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.evaluation.scoring import score_model
-from ExtremeAugLogic.inference.level_range import (LevelGuide, end_offsets, guide_for_version, guide_from_cases,
-                                                   levels_agree)
+from ExtremeAugLogic.inference.level_range import (LevelGuide, guide_for_version, guide_from_cases, has_level_chain,
+                                                   level_verdict)
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import (load_model, load_weights, pseudo_labels_from_probabilities,
                                                read_config, save_model, to_label_image)
@@ -405,13 +405,13 @@ class _Trainer:
     def _level_checked(self, candidates: list[str], labelled: dict) -> tuple[list[str], dict]:
         """The candidates whose pseudo-labels put their first and last structures within
         ``level_range.LEVEL_CHECK_PITCHES`` of where the delineated scans, rigidly registered onto
-        the scan, put them (``level_range.levels_agree``), and a record per candidate: the two
+        the scan, put them (``level_range.level_verdict``), and a record per candidate: the two
         offsets in pitches and whether it joins, or why it was not checked ("no guide": the
         registration failed, the scan joins on confidence alone). Without a structure order and
         pitch in the config nothing can be checked and every candidate joins.
         """
         order = self.config.get("structure_order")
-        if not order or len(order["labels"]) < 2 or not order.get("pitch_mm"):
+        if not has_level_chain(self.config) or not order.get("pitch_mm"):
             return candidates, {case_id: "no structure order" for case_id in candidates}
         self.status.update(message=f"checking the levels of {len(candidates)} pseudo-label(s) by registration")
         guide = LevelGuide([(case.image, case.label) for case in self.train_cases if case.label is not None], order)
@@ -424,9 +424,8 @@ class _Trainer:
                 record[case_id] = "no guide"
                 continue
             pitch = float(order["pitch_mm"]) / case_spacing_zyx(image)[int(order["axis"])]
-            joins = levels_agree(labelled[case_id], expected, order, pitch)
-            record[case_id] = {"offsets": end_offsets(labelled[case_id], expected, order, pitch), "joins": joins}
-            if joins:
+            record[case_id] = level_verdict(labelled[case_id], expected, order, pitch)
+            if record[case_id]["joins"]:
                 passed.append(case_id)
         return passed, record
 

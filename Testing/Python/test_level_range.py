@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from ExtremeAugLogic import cli
 from ExtremeAugLogic.demo import phantom
 from ExtremeAugLogic.inference.level_range import (LevelGuide, end_offsets, guide_for_version, guide_from_cases,
-                                                   levels_agree)
+                                                   level_verdict)
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.workspace import Workspace
 
@@ -114,22 +114,22 @@ def chain_of_levels(shape=(60, 8, 8), first_centre=8, labels=(1, 2, 3, 4, 5)):
 def test_levels_agree_with_the_guide_within_half_a_pitch_and_not_when_every_level_is_shifted():
     truth = chain_of_levels()
     expected = (8.0 - 0.5, 48.0 - 0.5)  # slab centroids of the chain above
-    assert levels_agree(truth, expected, LEVELS, PITCH)
+    assert level_verdict(truth, expected, LEVELS, PITCH)["joins"]
     assert end_offsets(truth, expected, LEVELS, PITCH) == [0.0, 0.0]
-    assert levels_agree(chain_of_levels(first_centre=11), expected, LEVELS, PITCH)  # 0.3 pitch off: agrees
+    assert level_verdict(chain_of_levels(first_centre=11), expected, LEVELS, PITCH)["joins"]  # 0.3 pitch off: agrees
     shifted = chain_of_levels(shape=(70, 8, 8), first_centre=18)  # every level named one below where it is
     assert end_offsets(shifted, expected, LEVELS, PITCH) == [1.0, 1.0]
-    assert not levels_agree(shifted, expected, LEVELS, PITCH)
-    assert not levels_agree(chain_of_levels(first_centre=14), expected, LEVELS, PITCH)  # 0.6 pitch: too far
+    assert not level_verdict(shifted, expected, LEVELS, PITCH)["joins"]
+    assert not level_verdict(chain_of_levels(first_centre=14), expected, LEVELS, PITCH)["joins"]  # 0.6 pitch: too far
 
 
 def test_a_missing_end_fails_the_level_check_only_when_the_scan_shows_where_it_should_be():
     missing_last = chain_of_levels(labels=(1, 2, 3, 4))
     assert end_offsets(missing_last, (7.5, 47.5), LEVELS, PITCH) == [0.0, None]
-    assert not levels_agree(missing_last, (7.5, 47.5), LEVELS, PITCH)  # L5 lies inside the scan, unlabelled
+    assert not level_verdict(missing_last, (7.5, 47.5), LEVELS, PITCH)["joins"]  # L5 lies inside the scan, unlabelled
     cut = chain_of_levels(shape=(44, 8, 8))  # the scan ends before L5's centre: no L5 in the map
     assert not (cut == 5).any()
-    assert levels_agree(cut, (7.5, 47.5), LEVELS, PITCH)  # the guide puts L5 beyond the last slice
+    assert level_verdict(cut, (7.5, 47.5), LEVELS, PITCH)["joins"]  # the guide puts L5 beyond the last slice
 
 
 def test_self_training_with_the_level_check_records_each_candidate_and_keeps_only_those_that_agree(tmp_path):

@@ -94,7 +94,7 @@ DEFAULTS_2D = {
     "pseudo_label_rule": "as-predicted",
     # A level check on the pseudo-labels: off | registration (the delineated scans, rigidly registered onto
     # the worklist scan, say where its first and last structures lie; a pseudo-label more than half a pitch
-    # off at either end does not join: training.trainer, level_range.levels_agree). Off: it drops shifted
+    # off at either end does not join: training.trainer, level_range.level_verdict). Off: it drops shifted
     # pseudo-labels (10 of 42 candidates, 4 a whole level off), but on the 8-minute protocol, seed 0, 0.852 / 0.820
     # -> 0.846 / 0.814, 27 of 70 pairs worse and 13 better, level-shifted pairs 3 -> 3: vb13's shifts are
     # learnt from its own scan (generalisation-explore, twenty-fourth round).
