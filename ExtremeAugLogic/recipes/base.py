@@ -17,13 +17,29 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.workspace.workspace import CaseData
 
 ProgressCallback = Optional[Callable[[int, int], None]]
 
-__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig", "stream_seed"]
+__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig", "pseudo_label_fractions", "stream_seed"]
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def pseudo_label_fractions(settings: dict) -> tuple[float, ...]:
+    """The fractions of the budget at which self-training labels the worklist, in order.
+
+    ``pseudo_label_at`` is one number or a list of strictly increasing numbers, each in (0, 1);
+    anything else is refused with one line.
+    """
+    value = settings.get("pseudo_label_at", 0.6)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not values or not numbers or not all(0.0 < v < 1.0 for v in values) \
+            or any(b <= a for a, b in zip(values, values[1:])):
+        raise InputError(f"pseudo_label_at must be a fraction in (0, 1) or a list of increasing ones, not {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def stream_seed(seed: int, rank: int = 0) -> int:

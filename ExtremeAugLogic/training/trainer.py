@@ -42,6 +42,7 @@ from ExtremeAugLogic.inference.level_range import (LevelGuide, guide_for_version
 from ExtremeAugLogic.inference.structure_order import detect_structure_order
 from ExtremeAugLogic.inference.predict import (load_model, load_weights, pseudo_labels_from_probabilities,
                                                read_config, save_model, to_label_image)
+from ExtremeAugLogic.recipes.base import pseudo_label_fractions
 from ExtremeAugLogic.recipes.registry import make_recipe
 from ExtremeAugLogic.workspace.imageio import case_spacing_zyx
 from ExtremeAugLogic.training import distributed
@@ -203,7 +204,7 @@ class _Trainer:
             self.history = [list(row) for row in checkpoint.get("history", [])]
         sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration,
                                            rank=self.place.rank)
-        self.sampler, self.train_cases, self.pseudo_done = sampler, train_cases, False
+        self.sampler, self.train_cases, self.pseudo_rounds = sampler, train_cases, []  # records of the rounds so far
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.averaged = None  # the running mean of the weights over the last average_share of the budget
         self.average_share = float(config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe
@@ -351,11 +352,14 @@ class _Trainer:
 
     # ------------------------------------------------------------------ unlabeled scans
     def _pseudo_label_due(self, fraction: float) -> bool:
-        """Self-training starts once, at ``pseudo_label_at`` of the budget, when the worklist has scans."""
+        """Self-training labels the worklist at each of the ``pseudo_label_at`` fractions of the
+        budget (once, or again with the model so far), when the worklist has scans."""
         s = self.config["settings"]
-        if self.pseudo_done or not self.req.unlabeled or s.get("unlabeled", "off") != "self-training":
+        if not self.req.unlabeled or s.get("unlabeled", "off") != "self-training":
             return False
-        return fraction >= float(s.get("pseudo_label_at", 0.6)) and bool(self.ws.worklist_cases())
+        fractions = pseudo_label_fractions(s)
+        done = len(self.pseudo_rounds)
+        return done < len(fractions) and fraction >= fractions[done] and bool(self.ws.worklist_cases())
 
     def _sampler_with_pseudo_labels(self, iteration: int):
         """Label the worklist scans with the model so far and train on them too from now on.
@@ -363,12 +367,12 @@ class _Trainer:
         Self-training: each worklist scan is predicted (``pseudo_label_rule``); a scan joins when
         the model is confident on it (mean top probability inside its predicted structures >=
         ``pseudo_label_confidence``) or is among the most confident ``pseudo_label_share`` of the
-        worklist, so a scan the model cannot read yet does not teach it its own mistakes. With
+        worklist, so a scan the model cannot read yet does not teach it its own mistakes. A later
+        round labels the whole worklist again and its pseudo-labels replace the earlier ones. With
         ``pseudo_label_check=registration`` a joining scan must also name its levels where the
         delineated scans, registered onto it, put them (``_level_checked``): confidence does not
         see a pseudo-label with every level shifted by one.
         """
-        self.pseudo_done = True
         s = self.config["settings"]
         threshold, share = float(s.get("pseudo_label_confidence", 0.9)), float(s.get("pseudo_label_share", 0.0))
         self.status.update(phase="preparing", message="labelling the worklist scans with the model so far")
@@ -389,14 +393,15 @@ class _Trainer:
         for case_id in joining:
             image = imageio.read_image(self.ws.image_path(case_id))
             pseudo.append(CaseData(case_id, image, to_label_image(labelled[case_id], image)))
-        if self.main:
-            record = {"confidence": kept, "threshold": threshold, "share": share,
-                      "used": [c.case_id for c in pseudo], "at_iteration": int(iteration)}
-            if level_check is not None:
-                record["level_check"] = level_check
-            self.ws.update_version(self.version, pseudo_labels=record)
+        record = {"confidence": kept, "threshold": threshold, "share": share,
+                  "used": [c.case_id for c in pseudo], "at_iteration": int(iteration)}
+        if level_check is not None:
+            record["level_check"] = level_check
+        earlier, self.pseudo_rounds = self.pseudo_rounds, self.pseudo_rounds + [record]
+        if self.main:  # the version's record is the last round's, with the earlier rounds in it
+            self.ws.update_version(self.version, pseudo_labels={**record, "earlier": earlier} if earlier else record)
         self.status.update(phase="training", message=f"training with {len(pseudo)} pseudo-labelled scan(s)")
-        if not pseudo:
+        if not pseudo and not (earlier and earlier[-1]["used"]):  # nothing to add, nothing to take out
             return self.sampler
         self.sampler = self.recipe.make_sampler(self.config, self.train_cases + pseudo, self.device,
                                                 self.req.seed + iteration, rank=self.place.rank)

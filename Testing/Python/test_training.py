@@ -260,6 +260,10 @@ def test_a_bad_dropout_or_averaging_share_is_refused_before_anything_is_written(
     ({"pseudo_label_check": "atlas"}, "pseudo_label_check must be 'off' or 'registration', not 'atlas'"),
     ({"pseudo_label_share": 1.5}, "pseudo_label_share must be a number in \\[0, 1\\], not 1.5"),
     ({"pseudo_label_share": True}, "pseudo_label_share must be a number"),
+    ({"pseudo_label_at": 1.0}, "pseudo_label_at must be a fraction in \\(0, 1\\) or a list of increasing ones, not 1.0"),
+    ({"pseudo_label_at": [0.7, 0.4]}, "pseudo_label_at must be a fraction .* not \\[0.7, 0.4\\]"),
+    ({"pseudo_label_at": []}, "pseudo_label_at must be a fraction"),
+    ({"pseudo_label_at": "0.5"}, "pseudo_label_at must be a fraction"),
     ({"structure_intensity": 0.5}, "structure_intensity must be a factor in \\[1, 4\\] \\(1 = off\\), not 0.5"),
     ({"structure_intensity": "1.3"}, "structure_intensity must be a factor")])
 def test_a_bad_self_training_or_augmentation_setting_is_refused_before_anything_is_written(tmp_path, setting, message):

@@ -156,6 +156,25 @@ def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
     assert record["cases_seen"] == ["labelled"] and ws.case("w1")["split"] == "worklist"  # pseudo-labels stay in memory
 
 
+def test_a_second_self_training_round_labels_the_worklist_again_and_records_both(tmp_path):
+    from ExtremeAugLogic.demo import phantom
+
+    pairs = phantom.write_phantom_set(tmp_path / "data", 3, seed0=31, shape=(40, 40, 16), spacing=(4.0, 4.0, 4.0))
+    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
+    ws.add_case(*pairs[0], case_id="labelled")
+    ws.add_to_worklist(pairs[1][0], case_id="w1")
+    ws.add_to_worklist(pairs[2][0], case_id="w2")
+    small = {"inplane_size": 40, "patch_size": 40, "stride": 20, "base_features": 4, "depth": 3, "max_features": 16,
+             "batch_size": 2, "unlabeled": "self-training", "pseudo_label_at": [0.25, 0.75], "pseudo_label_confidence": 0.0}
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    done = engine("train", ws.path, "--iterations", 8, "--quiet", *sets)
+    assert done.returncode == 0, done.stderr
+    pseudo = ws.version("v1")["pseudo_labels"]
+    assert pseudo["at_iteration"] == 6 and pseudo["used"] == ["w1", "w2"]  # the last round's record
+    assert [r["at_iteration"] for r in pseudo["earlier"]] == [2] and pseudo["earlier"][0]["used"] == ["w1", "w2"]
+    assert set(pseudo["earlier"][0]["confidence"]) == {"w1", "w2"}
+
+
 def test_the_most_confident_share_of_the_worklist_joins_self_training():
     from ExtremeAugLogic.training.trainer import confident_scans
 

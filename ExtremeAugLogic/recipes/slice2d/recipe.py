@@ -7,7 +7,8 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 
 from ExtremeAugLogic.errors import InputError
-from ExtremeAugLogic.recipes.base import CaseData, PreparedCase, ProgressCallback, Recipe, RecipeConfig
+from ExtremeAugLogic.recipes.base import (CaseData, PreparedCase, ProgressCallback, Recipe, RecipeConfig,
+                                          pseudo_label_fractions)
 from ExtremeAugLogic.recipes.slice2d import augment, patches, preprocess
 from ExtremeAugLogic.recipes.slice2d.network import ResUNet2D
 from ExtremeAugLogic.recipes.slice2d.views import VIEW_SETS, averaged_over_views, views_for
@@ -80,7 +81,10 @@ DEFAULTS_2D = {
                                  # at 8 minutes, 5 training scans x 14 with the 14 as worklist: 0.803 / 0.613 ->
                                  # 0.812 / 0.671, better per vertebra on each training scan (generalisation-explore,
                                  # sixth round); no worklist: no change
-    "pseudo_label_at": 0.6,      # fraction of the budget after which the worklist is pseudo-labelled
+    # The fraction of the budget after which the worklist is pseudo-labelled, or a list of increasing fractions:
+    # at each the worklist is labelled again by the model so far and its pseudo-labels replace the earlier ones
+    # (training.trainer, pseudo_label_fractions).
+    "pseudo_label_at": 0.6,
     "pseudo_label_confidence": 0.9,  # a scan joins when its mean top probability inside the structures is this high
     # ... or is among the most confident share of the worklist (0: the threshold alone). Off: at 615
     # iterations (8 minutes on an AVX2-only host) no scan reaches 0.9, and the most confident half taken
@@ -190,6 +194,7 @@ class Recipe2D(Recipe):
         for key in ("dropout", "average_weights"):
             _check_number(self.settings, key, 0.0, 1.0, "a number in [0, 1)", top_included=False)
         _check_number(self.settings, "pseudo_label_share", 0.0, 1.0, "a number in [0, 1]")
+        pseudo_label_fractions(self.settings)
         _check_number(self.settings, "structure_intensity", 1.0, 4.0, "a factor in [1, 4] (1 = off)")
         views_for(self.settings["test_views"])
 
