@@ -133,8 +133,9 @@ def test_console_api_adds_to_the_worklist_then_labels_it(tmp_path):
         headless.close()
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-unlabeled"]])
-def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
+def _one_labelled_two_waiting(tmp_path, pseudo_label_at) -> tuple:
+    """A phantom workspace with one labelled scan and two worklist scans, and the ``--set``
+    arguments of a tiny self-training that labels the worklist at ``pseudo_label_at``."""
     from ExtremeAugLogic.demo import phantom
 
     pairs = phantom.write_phantom_set(tmp_path / "data", 3, seed0=31, shape=(40, 40, 16), spacing=(4.0, 4.0, 4.0))
@@ -143,8 +144,14 @@ def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
     ws.add_to_worklist(pairs[1][0], case_id="w1")
     ws.add_to_worklist(pairs[2][0], case_id="w2")
     small = {"inplane_size": 40, "patch_size": 40, "stride": 20, "base_features": 4, "depth": 3, "max_features": 16,
-             "batch_size": 2, "unlabeled": "self-training", "pseudo_label_at": 0.5, "pseudo_label_confidence": 0.0}
-    sets = [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+             "batch_size": 2, "unlabeled": "self-training", "pseudo_label_at": pseudo_label_at,
+             "pseudo_label_confidence": 0.0}
+    return ws, [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-unlabeled"]])
+def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
+    ws, sets = _one_labelled_two_waiting(tmp_path, 0.5)
     done = engine("train", ws.path, "--iterations", 6, "--quiet", *sets, *flag)
     assert done.returncode == 0, done.stderr
     record = ws.version("v1")
@@ -157,16 +164,7 @@ def test_self_training_labels_the_worklist_unless_turned_off(tmp_path, flag):
 
 
 def test_a_second_self_training_round_labels_the_worklist_again_and_records_both(tmp_path):
-    from ExtremeAugLogic.demo import phantom
-
-    pairs = phantom.write_phantom_set(tmp_path / "data", 3, seed0=31, shape=(40, 40, 16), spacing=(4.0, 4.0, 4.0))
-    ws = Workspace.create(tmp_path / "ws", structure_names=phantom.phantom_names("vertebrae"))
-    ws.add_case(*pairs[0], case_id="labelled")
-    ws.add_to_worklist(pairs[1][0], case_id="w1")
-    ws.add_to_worklist(pairs[2][0], case_id="w2")
-    small = {"inplane_size": 40, "patch_size": 40, "stride": 20, "base_features": 4, "depth": 3, "max_features": 16,
-             "batch_size": 2, "unlabeled": "self-training", "pseudo_label_at": [0.25, 0.75], "pseudo_label_confidence": 0.0}
-    sets = [a for k, v in small.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    ws, sets = _one_labelled_two_waiting(tmp_path, [0.25, 0.75])
     done = engine("train", ws.path, "--iterations", 8, "--quiet", *sets)
     assert done.returncode == 0, done.stderr
     pseudo = ws.version("v1")["pseudo_labels"]
