@@ -22,7 +22,8 @@ from ExtremeAugLogic.workspace.workspace import CaseData
 
 ProgressCallback = Optional[Callable[[int, int], None]]
 
-__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig", "pseudo_label_fractions", "stream_seed"]
+__all__ = ["CaseData", "PreparedCase", "ProgressCallback", "Recipe", "RecipeConfig", "pseudo_label_fractions",
+           "stream_seed"]
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 

@@ -83,7 +83,7 @@ DEFAULTS_2D = {
                                  # sixth round); no worklist: no change
     # The fraction of the budget after which the worklist is pseudo-labelled, or a list of increasing fractions:
     # at each the worklist is labelled again by the model so far and its pseudo-labels replace the earlier ones
-    # (training.trainer, pseudo_label_fractions). One round: 8-minute protocol, seed 0, in one sitting, [0.4, 0.7]
+    # (training.trainer, pseudo_label_fractions). One round stays: 8-minute protocol, seed 0, in one sitting, [0.4, 0.7]
     # against 0.6 gave 0.840 / 0.801 -> 0.843 / 0.820, 23 pairs better and 19 worse, the per-vertebra gain two level
     # shifts of one model (generalisation-explore, twenty-fifth round).
     "pseudo_label_at": 0.6,
