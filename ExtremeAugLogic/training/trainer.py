@@ -205,6 +205,7 @@ class _Trainer:
         sampler = self.recipe.make_sampler(config, train_cases, self.device, self.req.seed + start_iteration,
                                            rank=self.place.rank)
         self.sampler, self.train_cases, self.pseudo_rounds = sampler, train_cases, []  # records of the rounds so far
+        self.pseudo_fractions = pseudo_label_fractions(config["settings"])  # read once, not at every step
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.averaged = None  # the running mean of the weights over the last average_share of the budget
         self.average_share = float(config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe
@@ -357,9 +358,9 @@ class _Trainer:
         s = self.config["settings"]
         if not self.req.unlabeled or s.get("unlabeled", "off") != "self-training":
             return False
-        fractions = pseudo_label_fractions(s)
         done = len(self.pseudo_rounds)
-        return done < len(fractions) and fraction >= fractions[done] and bool(self.ws.worklist_cases())
+        return done < len(self.pseudo_fractions) and fraction >= self.pseudo_fractions[done] \
+            and bool(self.ws.worklist_cases())
 
     def _sampler_with_pseudo_labels(self, iteration: int):
         """Label the worklist scans with the model so far and train on them too from now on.
