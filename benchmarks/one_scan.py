@@ -4,20 +4,24 @@
     python benchmarks/one_scan.py --set ivd         # ivd11 -> ivd20, ivd25
 
 Prints a markdown report (and writes it with --out). Extra ``--set-option KEY=VALUE`` pairs
-go to the recipe (used to measure alternatives such as the slice axis).
+go to the recipe (used to measure alternatives such as the slice axis). ``--train`` and
+``--validate`` pick other cases (several training scans give a learning curve);
+``--method plain`` trains the plain MONAI script (``plain_monai.py``) on the same scans with
+the same wall-clock budget instead of the engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import engine, machine, require_data, run_child
+from common import engine, machine, require_data, run_child, run_measured_child
 
 SETS = {
     "vb": ("spine-vb", ["vb01"], ["vb11", "vb12", "vb13", "vb14", "vb15"], "L"),
@@ -26,21 +30,42 @@ SETS = {
 IVD_NAMES = {1: "L5-S1", 2: "L4-L5", 3: "L3-L4", 4: "L2-L3", 5: "L1-L2"}
 
 
-def evaluate_cases(workspace: Path, data: Path, cases: list[str], out: Path) -> dict:
+def score_prediction(pred: Path, reference: Path, predict_s: float) -> dict:
+    """Dice and HD95 of one written prediction against its reference label."""
     from ExtremeAugLogic.evaluation import dice_scores, hausdorff95
     from ExtremeAugLogic.workspace.imageio import read_label
 
+    ref = read_label(reference)
+    pred_img = read_label(pred, allow_empty=True)
+    scores = dice_scores(pred_img, ref)
+    return {"binary_dice": scores["binary_dice"], "mean_dice": scores["mean_dice"],
+            "per_structure": scores["per_structure"], "hd95_mm": hausdorff95(pred_img, ref), "predict_s": predict_s}
+
+
+def evaluate_cases(workspace: Path, data: Path, cases: list[str], out: Path) -> dict:
     rows = {}
     for case in cases:
         pred = out / f"{case}_pred.nii.gz"
         timing = run_child(engine("predict", workspace, "--image", data / f"{case}_image.nii.gz", "--output", pred))
-        ref = read_label(data / f"{case}_label.nii.gz")
-        pred_img = read_label(pred, allow_empty=True)
-        scores = dice_scores(pred_img, ref)
-        hd = hausdorff95(pred_img, ref)
-        rows[case] = {"binary_dice": scores["binary_dice"], "mean_dice": scores["mean_dice"],
-                      "per_structure": scores["per_structure"], "hd95_mm": hd, "predict_s": timing["wall_s"]}
+        rows[case] = score_prediction(pred, data / f"{case}_label.nii.gz", timing["wall_s"])
     return rows
+
+
+def run_plain(train: list[str], validate: list[str], minutes: float, data: Path, work: Path) -> tuple[dict, dict, dict]:
+    """The plain MONAI script trained on ``train`` for ``minutes``; (training figures, a version-like record, per-case scores)."""
+    outputs = [work / f"{case}_pred.nii.gz" for case in validate]
+    result = work / "plain.json"
+    pairs = [data / f"{case}_{kind}.nii.gz" for case in train for kind in ("image", "label")]
+    cmd = [sys.executable, Path(__file__).with_name("plain_monai.py"), "--train", *pairs, "--minutes", minutes,
+           "--device", "cpu", "--predict", *[data / f"{case}_image.nii.gz" for case in validate],
+           "--output", *outputs, "--json", result]
+    child = run_measured_child(cmd, work / "plain.log")
+    info = json.loads(result.read_text())
+    rows = {case: score_prediction(out, data / f"{case}_label.nii.gz", p["predict_s"])
+            for case, out, p in zip(validate, outputs, info["predictions"])}
+    training = {"wall_s": info["train_loop_s"], "peak_rss_mib": info["peak_rss_train_mib"],
+                "child_wall_s": child["wall_s"]}
+    return training, {"iterations": info["iterations"], "settings": {"batch_size": 16}}, rows
 
 
 def main() -> None:
@@ -49,7 +74,10 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="training budget (default: the engine's)")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--model", default="2d")
+    parser.add_argument("--method", choices=("ours", "plain"), default="ours",
+                        help="the engine (default) or the plain MONAI script with the same budget")
     parser.add_argument("--train", nargs="+", help="training cases (default: the set's first)")
+    parser.add_argument("--validate", nargs="+", help="validation cases (default: the set's last five or two)")
     parser.add_argument("--set-option", action="append", default=[], help="recipe setting KEY=VALUE")
     parser.add_argument("--out", help="write the markdown report here")
     parser.add_argument("--json", help="write the raw figures here")
@@ -57,19 +85,27 @@ def main() -> None:
 
     folder, train, validate, _ = SETS[args.set]
     train = args.train or train
+    validate = args.validate or validate
+    if set(train) & set(validate):
+        parser.error(f"a case cannot both train and validate: {sorted(set(train) & set(validate))}")
     data = require_data(folder)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.set}-"))
-    ws = work / "ws"
-    run_child(engine("init", ws))
-    for case in train:
-        run_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--label", data / f"{case}_label.nii.gz"))
-    budget = (["--minutes", str(args.minutes)] if args.minutes else []) + (
-        ["--iterations", str(args.iterations)] if args.iterations else [])
-    options = [x for kv in args.set_option for x in ("--set", kv)]
     started = time.strftime("%Y-%m-%d %H:%M")
-    training = run_child(engine("train", ws, "--quiet", "--model", args.model, *budget, *options))
-    version = json.loads((ws / "extremeaug.json").read_text())["versions"][-1]
-    rows = evaluate_cases(ws, data, validate, work)
+    if args.method == "plain":
+        if args.iterations or args.set_option or args.model != "2d":
+            parser.error("--method plain takes --minutes only (no --iterations, --set-option or --model)")
+        training, version, rows = run_plain(train, validate, args.minutes or 8.0, data, work)
+    else:
+        ws = work / "ws"
+        run_child(engine("init", ws))
+        for case in train:
+            run_child(engine("add", ws, "--image", data / f"{case}_image.nii.gz", "--label", data / f"{case}_label.nii.gz"))
+        budget = (["--minutes", str(args.minutes)] if args.minutes else []) + (
+            ["--iterations", str(args.iterations)] if args.iterations else [])
+        options = [x for kv in args.set_option for x in ("--set", kv)]
+        training = run_child(engine("train", ws, "--quiet", "--model", args.model, *budget, *options))
+        version = json.loads((ws / "extremeaug.json").read_text())["versions"][-1]
+        rows = evaluate_cases(ws, data, validate, work)
     binary = float(np.mean([r["binary_dice"] for r in rows.values()]))
     mean = float(np.mean([r["mean_dice"] for r in rows.values()]))
     labels = sorted({int(k) for r in rows.values() for k in r["per_structure"]})
@@ -77,16 +113,21 @@ def main() -> None:
     hd = [v for r in rows.values() for v in r["hd95_mm"].values() if v is not None]
     names = IVD_NAMES if args.set == "ivd" else {i: f"L{i}" for i in range(1, 6)}
     lines = [
-        f"# One-scan benchmark: {', '.join(train)} -> {', '.join(validate)} ({args.model} model)",
+        f"# One-scan benchmark: {', '.join(train)} -> {', '.join(validate)} "
+        + ("(the plain MONAI script)" if args.method == "plain" else f"({args.model} model)"),
         "",
         f"- machine: {machine()}",
         f"- command: `python benchmarks/one_scan.py --set {args.set}"
         + (f" --minutes {args.minutes}" if args.minutes else "") + (f" --iterations {args.iterations}" if args.iterations else "")
-        + (f" --model {args.model}" if args.model != "2d" else "") + (f" --train {' '.join(train)}" if args.train else "") + "".join(f" --set-option {o}" for o in args.set_option) + "`",
+        + (f" --model {args.model}" if args.model != "2d" else "") + (" --method plain" if args.method == "plain" else "")
+        + (f" --train {' '.join(train)}" if args.train else "")
+        + (f" --validate {' '.join(validate)}" if args.validate else "") + "".join(f" --set-option {o}" for o in args.set_option) + "`",
         f"- run: {started}; training wall time {training['wall_s'] / 60:.1f} min, {version.get('iterations')} iterations,"
         f" peak resident memory {training['peak_rss_mib'] or float('nan'):.0f} MiB",
-        f"- settings: level {version['settings'].get('level')}, slice axis {version['settings'].get('slice_axis')},"
-        f" patch {version['settings'].get('patch_size')}, batch {version['settings'].get('batch_size')}",
+        ("- settings: benchmarks/plain_monai.py (percentile scaling, native slices, 128 px crops, batch 16)"
+         if args.method == "plain" else
+         f"- settings: level {version['settings'].get('level')}, slice axis {version['settings'].get('slice_axis')},"
+         f" patch {version['settings'].get('patch_size')}, batch {version['settings'].get('batch_size')}"),
         "",
         f"**Mean Dice, all structures as one: {binary:.3f}**; mean per-structure Dice: {mean:.3f};"
         f" median HD95 {np.median(hd) if hd else float('nan'):.1f} mm; prediction {np.mean([r['predict_s'] for r in rows.values()]):.1f} s per scan",
