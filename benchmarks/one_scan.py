@@ -142,6 +142,7 @@ def main() -> None:
                  + " | ".join(f"{per_label[lab]:.3f}" for lab in labels) + " |")
     report = "\n".join(lines) + "\n"
     print(report)
+    print(f"predictions kept in {work}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report)
