@@ -7,7 +7,8 @@ Prints a markdown report (and writes it with --out). Extra ``--set-option KEY=VA
 go to the recipe (used to measure alternatives such as the slice axis). ``--train`` and
 ``--validate`` pick other cases (several training scans give a learning curve);
 ``--method plain`` trains the plain MONAI script (``plain_monai.py``) on the same scans with
-the same wall-clock budget instead of the engine.
+the same wall-clock budget instead of the engine (its prediction time is the script's own, without
+the start of a process that the engine's ``predict`` includes).
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ def main() -> None:
     validate = args.validate or validate
     if set(train) & set(validate):
         parser.error(f"a case cannot both train and validate: {sorted(set(train) & set(validate))}")
+    if args.method == "plain" and (args.iterations or args.set_option or args.model != "2d"):
+        parser.error("--method plain takes --minutes only (no --iterations, --set-option or --model)")
     data = require_data(folder)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.set}-"))
     started = time.strftime("%Y-%m-%d %H:%M")
     if args.method == "plain":
-        if args.iterations or args.set_option or args.model != "2d":
-            parser.error("--method plain takes --minutes only (no --iterations, --set-option or --model)")
-        training, version, rows = run_plain(train, validate, args.minutes or 8.0, data, work)
+        from ExtremeAugLogic.training.trainer import DEFAULT_MINUTES_CPU
+
+        training, version, rows = run_plain(train, validate, args.minutes or DEFAULT_MINUTES_CPU, data, work)
     else:
         ws = work / "ws"
         run_child(engine("init", ws))
