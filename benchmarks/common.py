@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -67,3 +68,20 @@ def run_measured_child(cmd: list, log_path: Path) -> dict:
     if run["returncode"] != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {run['returncode']}): {run['error']}")
     return run
+
+
+def run_plain_script(train: list[str], predict: list[str], minutes, data: Path, work: Path, name: str,
+                     seed=0, device: str = "cpu") -> tuple[dict, list[Path], dict]:
+    """Train ``benchmarks/plain_monai.py`` on the ``train`` cases of ``data`` and predict ``predict``.
+
+    Writes ``<name>.log`` and ``<name>.json`` and one ``<case>_pred.nii.gz`` per predicted case in
+    ``work``; returns the script's result object, the prediction paths and the child's measurement.
+    """
+    outputs = [work / f"{case}_pred.nii.gz" for case in predict]
+    result = work / f"{name}.json"
+    pairs = [data / f"{case}_{kind}.nii.gz" for case in train for kind in ("image", "label")]
+    cmd = [sys.executable, REPO / "benchmarks" / "plain_monai.py", "--train", *pairs, "--minutes", minutes,
+           "--seed", seed, "--device", device, "--predict", *[data / f"{case}_image.nii.gz" for case in predict],
+           "--output", *outputs, "--json", result]
+    child = run_measured_child(cmd, work / f"{name}.log")
+    return json.loads(result.read_text()), outputs, child

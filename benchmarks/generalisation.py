@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, engine, machine, require_data, run_measured_child
+from common import REPO, engine, machine, require_data, run_measured_child, run_plain_script
 
 SETS = {
     "vb": {"folder": "spine-vb", "train": ["vb01", "vb04", "vb07", "vb10", "vb13"],
@@ -208,16 +208,9 @@ def run_ours(train_case: str, validate: list[str], args, data: Path, work: Path,
 
 
 def run_baseline(train_case: str, validate: list[str], args, data: Path, work: Path, labels: list[int]) -> dict:
-    outputs = [work / f"{case}_pred.nii.gz" for case in validate]
-    result_path = work / "baseline.json"
-    cmd = [sys.executable, REPO / "benchmarks" / "plain_monai.py",
-           "--train", data / f"{train_case}_image.nii.gz", data / f"{train_case}_label.nii.gz",
-           "--minutes", args.minutes, "--seed", args.seed, "--device", args.device,
-           "--predict", *[data / f"{case}_image.nii.gz" for case in validate], "--output", *outputs,
-           "--json", result_path]
     launched = time.time()
-    child = run_measured_child(cmd, work / "baseline.log")
-    info = json.loads(result_path.read_text())
+    info, outputs, child = run_plain_script([train_case], validate, args.minutes, data, work, "baseline",
+                                            seed=args.seed, device=args.device)
     scores = {}
     for case, out, p in zip(validate, outputs, info["predictions"]):
         scores[case] = {**score(out, data / f"{case}_label.nii.gz", labels), "predict_s": p["predict_s"]}

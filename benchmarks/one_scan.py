@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import engine, machine, require_data, run_child, run_measured_child
+from common import engine, machine, require_data, run_child, run_plain_script
 
 SETS = {
     "vb": ("spine-vb", ["vb01"], ["vb11", "vb12", "vb13", "vb14", "vb15"], "L"),
@@ -52,21 +51,14 @@ def evaluate_cases(workspace: Path, data: Path, cases: list[str], out: Path) -> 
     return rows
 
 
-def run_plain(train: list[str], validate: list[str], minutes: float, data: Path, work: Path) -> tuple[dict, dict, dict]:
-    """The plain MONAI script trained on ``train`` for ``minutes``; (training figures, a version-like record, per-case scores)."""
-    outputs = [work / f"{case}_pred.nii.gz" for case in validate]
-    result = work / "plain.json"
-    pairs = [data / f"{case}_{kind}.nii.gz" for case in train for kind in ("image", "label")]
-    cmd = [sys.executable, Path(__file__).with_name("plain_monai.py"), "--train", *pairs, "--minutes", minutes,
-           "--device", "cpu", "--predict", *[data / f"{case}_image.nii.gz" for case in validate],
-           "--output", *outputs, "--json", result]
-    child = run_measured_child(cmd, work / "plain.log")
-    info = json.loads(result.read_text())
+def run_plain(train: list[str], validate: list[str], minutes: float, data: Path, work: Path) -> tuple[dict, int, dict]:
+    """The plain MONAI script trained on ``train`` for ``minutes``: (training figures, iterations, per-case scores)."""
+    info, outputs, child = run_plain_script(train, validate, minutes, data, work, "plain")
     rows = {case: score_prediction(out, data / f"{case}_label.nii.gz", p["predict_s"])
             for case, out, p in zip(validate, outputs, info["predictions"])}
     training = {"wall_s": info["train_loop_s"], "peak_rss_mib": info["peak_rss_train_mib"],
                 "child_wall_s": child["wall_s"]}
-    return training, {"iterations": info["iterations"], "settings": {"batch_size": 16}}, rows
+    return training, info["iterations"], rows
 
 
 def main() -> None:
@@ -97,7 +89,8 @@ def main() -> None:
     if args.method == "plain":
         from ExtremeAugLogic.training.trainer import DEFAULT_MINUTES_CPU
 
-        training, version, rows = run_plain(train, validate, args.minutes or DEFAULT_MINUTES_CPU, data, work)
+        training, iterations, rows = run_plain(train, validate, args.minutes or DEFAULT_MINUTES_CPU, data, work)
+        settings = "benchmarks/plain_monai.py (percentile scaling, native slices, 128 px crops, batch 16)"
     else:
         ws = work / "ws"
         run_child(engine("init", ws))
@@ -108,6 +101,9 @@ def main() -> None:
         options = [x for kv in args.set_option for x in ("--set", kv)]
         training = run_child(engine("train", ws, "--quiet", "--model", args.model, *budget, *options))
         version = json.loads((ws / "extremeaug.json").read_text())["versions"][-1]
+        iterations, v = version.get("iterations"), version["settings"]
+        settings = (f"level {v.get('level')}, slice axis {v.get('slice_axis')}, patch {v.get('patch_size')},"
+                    f" batch {v.get('batch_size')}")
         rows = evaluate_cases(ws, data, validate, work)
     binary = float(np.mean([r["binary_dice"] for r in rows.values()]))
     mean = float(np.mean([r["mean_dice"] for r in rows.values()]))
@@ -125,12 +121,9 @@ def main() -> None:
         + (f" --model {args.model}" if args.model != "2d" else "") + (" --method plain" if args.method == "plain" else "")
         + (f" --train {' '.join(train)}" if args.train else "")
         + (f" --validate {' '.join(validate)}" if args.validate else "") + "".join(f" --set-option {o}" for o in args.set_option) + "`",
-        f"- run: {started}; training wall time {training['wall_s'] / 60:.1f} min, {version.get('iterations')} iterations,"
+        f"- run: {started}; training wall time {training['wall_s'] / 60:.1f} min, {iterations} iterations,"
         f" peak resident memory {training['peak_rss_mib'] or float('nan'):.0f} MiB",
-        ("- settings: benchmarks/plain_monai.py (percentile scaling, native slices, 128 px crops, batch 16)"
-         if args.method == "plain" else
-         f"- settings: level {version['settings'].get('level')}, slice axis {version['settings'].get('slice_axis')},"
-         f" patch {version['settings'].get('patch_size')}, batch {version['settings'].get('batch_size')}"),
+        f"- settings: {settings}",
         "",
         f"**Mean Dice, all structures as one: {binary:.3f}**; mean per-structure Dice: {mean:.3f};"
         f" median HD95 {np.median(hd) if hd else float('nan'):.1f} mm; prediction {np.mean([r['predict_s'] for r in rows.values()]):.1f} s per scan",
@@ -152,7 +145,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"binary_dice": binary, "mean_dice": mean, "per_structure": per_label,
                                                "rows": rows, "training": {k: v for k, v in training.items() if k != "stdout"},
-                                               "iterations": version.get("iterations")}, indent=2, default=str))
+                                               "iterations": iterations}, indent=2, default=str))
 
 
 if __name__ == "__main__":

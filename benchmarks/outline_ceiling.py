@@ -24,13 +24,10 @@ from error_breakdown import distance_mm
 from generalisation import SETS
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
-
-
 def one_voxel_dice(label_path: Path) -> tuple[float, float]:
     """Binary Dice of a reference with itself shrunk, and grown, by one voxel."""
     import SimpleITK as sitk
+    from ExtremeAugLogic.workspace.overlap import dice
 
     ref = sitk.ReadImage(str(label_path)) > 0
     r = sitk.GetArrayFromImage(ref) > 0
