@@ -9,7 +9,11 @@ everywhere but one voxel inside or outside the outline. Part two reads folders o
 (``<case>_pred.nii.gz``, as ``one_scan.py`` leaves them in its work folder) and gives, per
 folder, binary precision and recall and the share of the wrong voxels within 1 and 2 mm of the
 reference outline (false positives: distance to the reference; false negatives: distance to its
-background). Prints a Markdown report (``--out`` writes it). A probe for exploration.
+background). Part three asks how the references were drawn: whether each is built from every k-th
+slice along one axis (the drawn slices), the k - 1 slices between two drawn ones all equal to the
+larger label of the two (``drawn_slices``); where they are, the predictions are also scored on the
+drawn slices alone, and after being rebuilt the same way from their own drawn slices. Prints a
+Markdown report (``--out`` writes it). A probe for exploration.
 """
 
 from __future__ import annotations
@@ -34,6 +38,67 @@ def one_voxel_dice(label_path: Path) -> tuple[float, float]:
     shrunk = sitk.GetArrayFromImage(sitk.BinaryErode(ref, [1, 1, 1])) > 0
     grown = sitk.GetArrayFromImage(sitk.BinaryDilate(ref, [1, 1, 1])) > 0
     return dice(shrunk, r), dice(grown, r)
+
+
+def rebuilt_from(label: np.ndarray, axis: int, step: int) -> np.ndarray:
+    """``label`` with the slices between every ``step``-th slice along ``axis`` (from slice 0)
+    replaced by the larger label of the two drawn slices around them; the slices after the last
+    drawn one stay as they are."""
+    out = np.moveaxis(label.copy(), axis, 0)
+    source = np.moveaxis(label, axis, 0)
+    for first in range(0, len(source) - step, step):
+        out[first + 1:first + step] = np.maximum(source[first], source[first + step])
+    return np.moveaxis(out, 0, axis)
+
+
+def drawn_slices(label: np.ndarray, steps=(2, 3, 4, 5, 6)) -> tuple[int, int] | None:
+    """(axis, step) when ``label`` equals itself rebuilt from every step-th slice along axis
+    (the largest such step, since a label drawn every 4th slice is also one drawn every 2nd; slice 0 is
+    a drawn one), else None. An empty label is drawn nowhere."""
+    if not label.any():
+        return None
+    for axis in range(label.ndim):
+        for step in sorted(steps, reverse=True):
+            if label.shape[axis] > 2 * step and np.array_equal(rebuilt_from(label, axis, step), label):
+                return axis, step
+    return None
+
+
+def how_drawn(label_paths: list[Path]) -> str:
+    """One line on how the references were drawn, the cases grouped by ``drawn_slices``."""
+    import SimpleITK as sitk
+
+    groups: dict[str, list[str]] = {}
+    for path in label_paths:
+        drawn = drawn_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+        text = (f"one slice in {drawn[1]} along array axis {drawn[0]}, the slices between two drawn ones "
+                "the larger label of the two" if drawn else "slice by slice")
+        groups.setdefault(text, []).append(path.name[:-len("_label.nii.gz")])
+    return "; ".join(f"{', '.join(cases)} ({len(cases)} of {len(label_paths)}): {text}" for text, cases in groups.items())
+
+
+def drawn_slice_scores(folder: Path, data: Path) -> list[tuple[str, str, float, float, float]]:
+    """Per prediction whose reference has drawn slices: (case, 'axis a, one in k', binary Dice,
+    Dice on the drawn slices alone, Dice of the prediction rebuilt from its own drawn slices)."""
+    import SimpleITK as sitk
+    from ExtremeAugLogic.workspace.imageio import read_label
+    from ExtremeAugLogic.workspace.overlap import dice
+
+    rows = []
+    for pred_path in sorted(folder.glob("*_pred.nii.gz")):
+        case = pred_path.name[:-len("_pred.nii.gz")]
+        ref = sitk.GetArrayFromImage(read_label(data / f"{case}_label.nii.gz"))
+        drawn = drawn_slices(ref)
+        if drawn is None:
+            continue
+        axis, step = drawn
+        pred = sitk.GetArrayFromImage(read_label(pred_path, allow_empty=True))
+        on_drawn = [slice(None)] * ref.ndim
+        on_drawn[axis] = slice(0, None, step)
+        rows.append((case, f"axis {axis}, one in {step}", dice(pred > 0, ref > 0),
+                     dice(pred[tuple(on_drawn)] > 0, ref[tuple(on_drawn)] > 0),
+                     dice(rebuilt_from(pred, axis, step) > 0, ref > 0)))
+    return rows
 
 
 def outline_errors(folder: Path, data: Path) -> dict:
@@ -77,7 +142,8 @@ def main() -> None:
              + (" FOLDER ..." if args.folders else "") + "`", "",
              "| each reference against itself | mean binary Dice | range over the scans |", "|---|---|---|",
              f"| shrunk by one voxel | {np.mean(shrunk):.3f} | {min(shrunk):.3f}-{max(shrunk):.3f} |",
-             f"| grown by one voxel | {np.mean(grown):.3f} | {min(grown):.3f}-{max(grown):.3f} |"]
+             f"| grown by one voxel | {np.mean(grown):.3f} | {min(grown):.3f}-{max(grown):.3f} |", "",
+             "How the references were drawn: " + how_drawn(labels) + "."]
     if args.folders:
         lines += ["", "| predictions | scans | precision | recall | wrong voxels | within 1 mm of the outline |"
                   " within 2 mm |", "|---|---|---|---|---|---|---|"]
@@ -87,6 +153,13 @@ def main() -> None:
             lines.append(f"| {folder.name} | {', '.join(c['cases'])} | {c['tp'] / max(c['tp'] + c['fp'], 1):.3f} | "
                          f"{c['tp'] / max(c['tp'] + c['fn'], 1):.3f} | {c['fp'] + c['fn']} | "
                          f"{c['within_1mm'] / wrong:.2f} | {c['within_2mm'] / wrong:.2f} |")
+        lines += ["", "| predictions | scans with drawn slices | binary Dice | on the drawn slices alone |"
+                  " rebuilt from its own drawn slices like the reference |", "|---|---|---|---|---|"]
+        for folder in args.folders:
+            rows = drawn_slice_scores(folder, data)
+            if rows:
+                mean = np.mean([r[2:] for r in rows], axis=0)
+                lines.append(f"| {folder.name} | {len(rows)} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
     publish("\n".join(lines) + "\n", args.out)
 
 
