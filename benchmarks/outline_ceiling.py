@@ -77,9 +77,9 @@ def how_drawn(label_paths: list[Path]) -> str:
     return "; ".join(f"{', '.join(cases)} ({len(cases)} of {len(label_paths)}): {text}" for text, cases in groups.items())
 
 
-def drawn_slice_scores(folder: Path, data: Path) -> list[tuple[str, str, float, float, float]]:
-    """Per prediction whose reference has drawn slices: (case, 'axis a, one in k', binary Dice,
-    Dice on the drawn slices alone, Dice of the prediction rebuilt from its own drawn slices)."""
+def drawn_slice_scores(folder: Path, data: Path) -> list[tuple[str, float, float, float]]:
+    """Per prediction whose reference has drawn slices: (case, binary Dice, Dice on the drawn
+    slices alone, Dice of the prediction rebuilt from its own drawn slices)."""
     import SimpleITK as sitk
     from ExtremeAugLogic.workspace.imageio import read_label
     from ExtremeAugLogic.workspace.overlap import dice
@@ -95,7 +95,7 @@ def drawn_slice_scores(folder: Path, data: Path) -> list[tuple[str, str, float, 
         pred = sitk.GetArrayFromImage(read_label(pred_path, allow_empty=True))
         on_drawn = [slice(None)] * ref.ndim
         on_drawn[axis] = slice(0, None, step)
-        rows.append((case, f"axis {axis}, one in {step}", dice(pred > 0, ref > 0),
+        rows.append((case, dice(pred > 0, ref > 0),
                      dice(pred[tuple(on_drawn)] > 0, ref[tuple(on_drawn)] > 0),
                      dice(rebuilt_from(pred, axis, step) > 0, ref > 0)))
     return rows
@@ -153,13 +153,14 @@ def main() -> None:
             lines.append(f"| {folder.name} | {', '.join(c['cases'])} | {c['tp'] / max(c['tp'] + c['fp'], 1):.3f} | "
                          f"{c['tp'] / max(c['tp'] + c['fn'], 1):.3f} | {c['fp'] + c['fn']} | "
                          f"{c['within_1mm'] / wrong:.2f} | {c['within_2mm'] / wrong:.2f} |")
-        lines += ["", "| predictions | scans with drawn slices | binary Dice | on the drawn slices alone |"
-                  " rebuilt from its own drawn slices like the reference |", "|---|---|---|---|---|"]
-        for folder in args.folders:
-            rows = drawn_slice_scores(folder, data)
+        drawn_rows = {folder.name: drawn_slice_scores(folder, data) for folder in args.folders}
+        if any(drawn_rows.values()):
+            lines += ["", "| predictions | scans with drawn slices | binary Dice | on the drawn slices alone |"
+                      " rebuilt from its own drawn slices like the reference |", "|---|---|---|---|---|"]
+        for name, rows in drawn_rows.items():
             if rows:
-                mean = np.mean([r[2:] for r in rows], axis=0)
-                lines.append(f"| {folder.name} | {len(rows)} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
+                mean = np.mean([r[1:] for r in rows], axis=0)
+                lines.append(f"| {name} | {len(rows)} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
     publish("\n".join(lines) + "\n", args.out)
 
 
