@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common import engine, machine, require_data, run_child, run_plain_script
+from generalisation import score
 
 SETS = {
     "vb": ("spine-vb", ["vb01"], ["vb11", "vb12", "vb13", "vb14", "vb15"], "L"),
@@ -30,31 +31,20 @@ SETS = {
 IVD_NAMES = {1: "L5-S1", 2: "L4-L5", 3: "L3-L4", 4: "L2-L3", 5: "L1-L2"}
 
 
-def score_prediction(pred: Path, reference: Path, predict_s: float) -> dict:
-    """Dice and HD95 of one written prediction against its reference label."""
-    from ExtremeAugLogic.evaluation import dice_scores, hausdorff95
-    from ExtremeAugLogic.workspace.imageio import read_label
-
-    ref = read_label(reference)
-    pred_img = read_label(pred, allow_empty=True)
-    scores = dice_scores(pred_img, ref)
-    return {"binary_dice": scores["binary_dice"], "mean_dice": scores["mean_dice"],
-            "per_structure": scores["per_structure"], "hd95_mm": hausdorff95(pred_img, ref), "predict_s": predict_s}
-
-
-def evaluate_cases(workspace: Path, data: Path, cases: list[str], out: Path) -> dict:
+def evaluate_cases(workspace: Path, data: Path, cases: list[str], out: Path, labels: list[int]) -> dict:
     rows = {}
     for case in cases:
         pred = out / f"{case}_pred.nii.gz"
         timing = run_child(engine("predict", workspace, "--image", data / f"{case}_image.nii.gz", "--output", pred))
-        rows[case] = score_prediction(pred, data / f"{case}_label.nii.gz", timing["wall_s"])
+        rows[case] = {**score(pred, data / f"{case}_label.nii.gz", labels), "predict_s": timing["wall_s"]}
     return rows
 
 
-def run_plain(train: list[str], validate: list[str], minutes: float, data: Path, work: Path) -> tuple[dict, int, dict]:
+def run_plain(train: list[str], validate: list[str], minutes: float, data: Path, work: Path,
+              labels: list[int]) -> tuple[dict, int, dict]:
     """The plain MONAI script trained on ``train`` for ``minutes``: (training figures, iterations, per-case scores)."""
     info, outputs, child = run_plain_script(train, validate, minutes, data, work, "plain")
-    rows = {case: score_prediction(out, data / f"{case}_label.nii.gz", p["predict_s"])
+    rows = {case: {**score(out, data / f"{case}_label.nii.gz", labels), "predict_s": p["predict_s"]}
             for case, out, p in zip(validate, outputs, info["predictions"])}
     training = {"wall_s": info["train_loop_s"], "peak_rss_mib": info["peak_rss_train_mib"],
                 "child_wall_s": child["wall_s"]}
@@ -84,12 +74,13 @@ def main() -> None:
     if args.method == "plain" and (args.iterations or args.set_option or args.model != "2d"):
         parser.error("--method plain takes --minutes only (no --iterations, --set-option or --model)")
     data = require_data(folder)
+    names = IVD_NAMES if args.set == "ivd" else {i: f"L{i}" for i in range(1, 6)}
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.set}-"))
     started = time.strftime("%Y-%m-%d %H:%M")
     if args.method == "plain":
         from ExtremeAugLogic.training.trainer import DEFAULT_MINUTES_CPU
 
-        training, iterations, rows = run_plain(train, validate, args.minutes or DEFAULT_MINUTES_CPU, data, work)
+        training, iterations, rows = run_plain(train, validate, args.minutes or DEFAULT_MINUTES_CPU, data, work, list(names))
         settings = "benchmarks/plain_monai.py (percentile scaling, native slices, 128 px crops, batch 16)"
     else:
         ws = work / "ws"
@@ -104,13 +95,12 @@ def main() -> None:
         iterations, v = version.get("iterations"), version["settings"]
         settings = (f"level {v.get('level')}, slice axis {v.get('slice_axis')}, patch {v.get('patch_size')},"
                     f" batch {v.get('batch_size')}")
-        rows = evaluate_cases(ws, data, validate, work)
+        rows = evaluate_cases(ws, data, validate, work, list(names))
     binary = float(np.mean([r["binary_dice"] for r in rows.values()]))
     mean = float(np.mean([r["mean_dice"] for r in rows.values()]))
-    labels = sorted({int(k) for r in rows.values() for k in r["per_structure"]})
-    per_label = {lab: float(np.mean([r["per_structure"].get(lab, 0.0) for r in rows.values()])) for lab in labels}
+    labels = sorted({int(k) for r in rows.values() for k in r["per_structure"]})  # the keys are str, as in JSON
+    per_label = {lab: float(np.mean([r["per_structure"].get(str(lab), 0.0) for r in rows.values()])) for lab in labels}
     hd = [v for r in rows.values() for v in r["hd95_mm"].values() if v is not None]
-    names = IVD_NAMES if args.set == "ivd" else {i: f"L{i}" for i in range(1, 6)}
     lines = [
         f"# One-scan benchmark: {', '.join(train)} -> {', '.join(validate)} "
         + ("(the plain MONAI script)" if args.method == "plain" else f"({args.model} model)"),
@@ -133,7 +123,7 @@ def main() -> None:
     ]
     for case, r in rows.items():
         lines.append(f"| {case} | {r['binary_dice']:.3f} | {r['mean_dice']:.3f} | "
-                     + " | ".join(f"{r['per_structure'].get(lab, 0.0):.3f}" for lab in labels) + " |")
+                     + " | ".join(f"{r['per_structure'].get(str(lab), 0.0):.3f}" for lab in labels) + " |")
     lines.append(f"| **mean** | **{binary:.3f}** | **{mean:.3f}** | "
                  + " | ".join(f"{per_label[lab]:.3f}" for lab in labels) + " |")
     report = "\n".join(lines) + "\n"

@@ -28,12 +28,12 @@ from error_breakdown import distance_mm
 from generalisation import SETS
 
 
-def one_voxel_dice(label_path: Path) -> tuple[float, float]:
-    """Binary Dice of a reference with itself shrunk, and grown, by one voxel."""
+def one_voxel_dice(reference) -> tuple[float, float]:
+    """Binary Dice of a reference label image with itself shrunk, and grown, by one voxel."""
     import SimpleITK as sitk
     from ExtremeAugLogic.workspace.overlap import dice
 
-    ref = sitk.ReadImage(str(label_path)) > 0
+    ref = reference > 0
     r = sitk.GetArrayFromImage(ref) > 0
     shrunk = sitk.GetArrayFromImage(sitk.BinaryErode(ref, [1, 1, 1])) > 0
     grown = sitk.GetArrayFromImage(sitk.BinaryDilate(ref, [1, 1, 1])) > 0
@@ -64,52 +64,29 @@ def drawn_slices(label: np.ndarray, steps=(2, 3, 4, 5, 6)) -> tuple[int, int] | 
     return None
 
 
-def how_drawn(label_paths: list[Path]) -> str:
-    """One line on how the references were drawn, the cases grouped by ``drawn_slices``."""
-    import SimpleITK as sitk
-
+def how_drawn(drawn_by_case: dict) -> str:
+    """One line on how the references were drawn, the cases grouped by their ``drawn_slices``."""
     groups: dict[str, list[str]] = {}
-    for path in label_paths:
-        drawn = drawn_slices(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    for case, drawn in drawn_by_case.items():
         text = (f"one slice in {drawn[1]} along array axis {drawn[0]}, the slices between two drawn ones "
                 "the larger label of the two" if drawn else "slice by slice")
-        groups.setdefault(text, []).append(path.name[:-len("_label.nii.gz")])
-    return "; ".join(f"{', '.join(cases)} ({len(cases)} of {len(label_paths)}): {text}" for text, cases in groups.items())
+        groups.setdefault(text, []).append(case)
+    return "; ".join(f"{', '.join(cases)} ({len(cases)} of {len(drawn_by_case)}): {text}"
+                     for text, cases in groups.items())
 
 
-def drawn_slice_scores(folder: Path, data: Path) -> list[tuple[str, float, float, float]]:
-    """Per prediction whose reference has drawn slices: (case, binary Dice, Dice on the drawn
-    slices alone, Dice of the prediction rebuilt from its own drawn slices)."""
-    import SimpleITK as sitk
-    from ExtremeAugLogic.workspace.imageio import read_label
-    from ExtremeAugLogic.workspace.overlap import dice
-
-    rows = []
-    for pred_path in sorted(folder.glob("*_pred.nii.gz")):
-        case = pred_path.name[:-len("_pred.nii.gz")]
-        ref = sitk.GetArrayFromImage(read_label(data / f"{case}_label.nii.gz"))
-        drawn = drawn_slices(ref)
-        if drawn is None:
-            continue
-        axis, step = drawn
-        pred = sitk.GetArrayFromImage(read_label(pred_path, allow_empty=True))
-        on_drawn = [slice(None)] * ref.ndim
-        on_drawn[axis] = slice(0, None, step)
-        rows.append((case, dice(pred > 0, ref > 0),
-                     dice(pred[tuple(on_drawn)] > 0, ref[tuple(on_drawn)] > 0),
-                     dice(rebuilt_from(pred, axis, step) > 0, ref > 0)))
-    return rows
-
-
-def outline_errors(folder: Path, data: Path) -> dict:
-    """Precision, recall and where the wrong voxels lie, over every prediction in ``folder``."""
+def outline_errors(folder: Path, references: dict, drawn_by_case: dict) -> dict:
+    """Precision, recall and where the wrong voxels lie, over every prediction in ``folder``; and per
+    prediction whose reference has drawn slices, (binary Dice, Dice on the drawn slices alone, Dice of
+    the prediction rebuilt from its own drawn slices) under ``"drawn"``."""
     from ExtremeAugLogic.workspace.imageio import case_spacing_zyx, read_label
+    from ExtremeAugLogic.workspace.overlap import dice
     import SimpleITK as sitk
 
-    counts = {"tp": 0, "fp": 0, "fn": 0, "within_1mm": 0, "within_2mm": 0, "cases": []}
+    counts = {"tp": 0, "fp": 0, "fn": 0, "within_1mm": 0, "within_2mm": 0, "cases": [], "drawn": []}
     for pred_path in sorted(folder.glob("*_pred.nii.gz")):
         case = pred_path.name[:-len("_pred.nii.gz")]
-        ref_image = read_label(data / f"{case}_label.nii.gz")
+        ref_image = references[case]
         ref = sitk.GetArrayFromImage(ref_image) > 0
         pred = sitk.GetArrayFromImage(read_label(pred_path, allow_empty=True)) > 0
         spacing = case_spacing_zyx(ref_image)
@@ -122,6 +99,12 @@ def outline_errors(folder: Path, data: Path) -> dict:
         counts["within_1mm"] += int((wrong & (to_outline <= 1.0)).sum())
         counts["within_2mm"] += int((wrong & (to_outline <= 2.0)).sum())
         counts["cases"].append(case)
+        if drawn_by_case[case]:  # on foreground masks the larger label of two slices is their union
+            axis, step = drawn_by_case[case]
+            on_drawn = [slice(None)] * ref.ndim
+            on_drawn[axis] = slice(0, None, step)
+            counts["drawn"].append((dice(pred, ref), dice(pred[tuple(on_drawn)], ref[tuple(on_drawn)]),
+                                    dice(rebuilt_from(pred, axis, step), ref)))
     return counts
 
 
@@ -133,8 +116,12 @@ def main() -> None:
     args = parser.parse_args()
     data = require_data(SETS[args.set]["folder"])
 
-    labels = sorted(data.glob("*_label.nii.gz"))
-    shells = {p.name[:-len("_label.nii.gz")]: one_voxel_dice(p) for p in labels}
+    import SimpleITK as sitk
+    from ExtremeAugLogic.workspace.imageio import read_label
+
+    references = {p.name[:-len("_label.nii.gz")]: read_label(p) for p in sorted(data.glob("*_label.nii.gz"))}
+    drawn_by_case = {case: drawn_slices(sitk.GetArrayFromImage(image)) for case, image in references.items()}
+    shells = {case: one_voxel_dice(image) for case, image in references.items()}
     shrunk = [s for s, _ in shells.values()]
     grown = [g for _, g in shells.values()]
     lines = [f"# What a one-voxel outline costs: {args.set}", "", f"- machine: {machine()}",
@@ -143,24 +130,23 @@ def main() -> None:
              "| each reference against itself | mean binary Dice | range over the scans |", "|---|---|---|",
              f"| shrunk by one voxel | {np.mean(shrunk):.3f} | {min(shrunk):.3f}-{max(shrunk):.3f} |",
              f"| grown by one voxel | {np.mean(grown):.3f} | {min(grown):.3f}-{max(grown):.3f} |", "",
-             "How the references were drawn: " + how_drawn(labels) + "."]
+             "How the references were drawn: " + how_drawn(drawn_by_case) + "."]
     if args.folders:
         lines += ["", "| predictions | scans | precision | recall | wrong voxels | within 1 mm of the outline |"
                   " within 2 mm |", "|---|---|---|---|---|---|---|"]
-        for folder in args.folders:
-            c = outline_errors(folder, data)
+        errors = {folder.name: outline_errors(folder, references, drawn_by_case) for folder in args.folders}
+        for name, c in errors.items():
             wrong = max(c["fp"] + c["fn"], 1)
-            lines.append(f"| {folder.name} | {', '.join(c['cases'])} | {c['tp'] / max(c['tp'] + c['fp'], 1):.3f} | "
+            lines.append(f"| {name} | {', '.join(c['cases'])} | {c['tp'] / max(c['tp'] + c['fp'], 1):.3f} | "
                          f"{c['tp'] / max(c['tp'] + c['fn'], 1):.3f} | {c['fp'] + c['fn']} | "
                          f"{c['within_1mm'] / wrong:.2f} | {c['within_2mm'] / wrong:.2f} |")
-        drawn_rows = {folder.name: drawn_slice_scores(folder, data) for folder in args.folders}
-        if any(drawn_rows.values()):
+        if any(c["drawn"] for c in errors.values()):
             lines += ["", "| predictions | scans with drawn slices | binary Dice | on the drawn slices alone |"
                       " rebuilt from its own drawn slices like the reference |", "|---|---|---|---|---|"]
-        for name, rows in drawn_rows.items():
-            if rows:
-                mean = np.mean([r[1:] for r in rows], axis=0)
-                lines.append(f"| {name} | {len(rows)} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
+        for name, c in errors.items():
+            if c["drawn"]:
+                mean = np.mean(c["drawn"], axis=0)
+                lines.append(f"| {name} | {len(c['drawn'])} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
     publish("\n".join(lines) + "\n", args.out)
 
 
