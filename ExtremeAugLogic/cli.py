@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a new best model, do not predict the worklist scans")
     p.add_argument("--no-unlabeled", action="store_true",
                    help="do not learn from the worklist's scans even when the model's settings ask for it "
-                        "(--set unlabeled=self-training)")
+                        "(--set unlabeled=self-training or consistency)")
 
     p = sub.add_parser("predict", help="segment a scan with a model version, or the whole worklist")
     p.add_argument("workspace")

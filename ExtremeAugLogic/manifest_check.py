@@ -240,6 +240,7 @@ _VERSION_FIELD_CHECKS: dict[str, Check] = {
     "rescored_at": _optional(_text),
     "pid": _optional(_int),
     "pseudo_labels": _optional(_dict),
+    "consistency": _optional(_dict),
     "world_size": lambda v: _int(v) or (None if v >= 1 else f"must be 1 or more, got {v}"),  # absent before torchrun
     "trial_against": _optional(_version_name),
 }

@@ -136,6 +136,11 @@ class Recipe(abc.ABC):
         its own batches and rank 0 draws what one process draws.
         """
 
+    def consistency_term(self, config: RecipeConfig, images: list, device, seed: int, rank: int = 0):
+        """The weak-to-strong consistency term on unlabeled ``images`` (``unlabeled=consistency``):
+        an object with ``views(teacher)`` and ``loss(out, target, mask)``; families without one refuse."""
+        raise InputError(f"unlabeled=consistency: the {self.kind} model has no consistency training")
+
     @abc.abstractmethod
     def loss_function(self, config: RecipeConfig) -> Callable:
         """Return ``loss(outputs, y)``; ``outputs`` is what the model returns in train mode."""

@@ -206,6 +206,7 @@ class _Trainer:
                                            rank=self.place.rank)
         self.sampler, self.train_cases, self.pseudo_rounds = sampler, train_cases, []  # records of the rounds so far
         self.pseudo_fractions = pseudo_label_fractions(config["settings"])  # read once, not at every step
+        self.consistency, self.consistency_started = None, False  # unlabeled=consistency: the term, once due
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.averaged = None  # the running mean of the weights over the last average_share of the budget
         self.average_share = float(config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe
@@ -302,10 +303,12 @@ class _Trainer:
             if self._pseudo_label_due(fraction):
                 sampler = self._sampler_with_pseudo_labels(iteration)
                 self.model.train()
+            if self._consistency_due(fraction):
+                self._start_consistency(iteration)
             x, y = sampler.batch(iteration)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.device):
-                loss = loss_fn(self.train_model(x), y)
+                loss = self._step_loss(loss_fn, x, y)
             loss.backward()
             self.optimizer.step()
             if self.scheduler is not None:
@@ -333,6 +336,7 @@ class _Trainer:
                 self._save_checkpoint(iteration, time.monotonic() - start)
                 last_ckpt = now
         bar.close()
+        self._close_consistency()
         if self.averaged is not None:  # the saved model is the mean of the last weights
             self.model.load_state_dict(self.averaged.module.state_dict())
         self.iterations, self.seconds = iteration, time.monotonic() - start
@@ -352,6 +356,48 @@ class _Trainer:
         self.averaged.update_parameters(self.model)
 
     # ------------------------------------------------------------------ unlabeled scans
+    def _step_loss(self, loss_fn, x, y):
+        """The labelled loss; with the consistency term on, plus its weight times the strong views'
+        loss, both from one forward pass of the labelled and the strong batch together."""
+        if self.consistency is None:
+            return loss_fn(self.train_model(x), y)
+        strong, target, mask = self.consistency.views(self.model)
+        out = self.train_model(torch.cat([x, strong]))
+        weight = float(self.config["settings"]["consistency_weight"])
+        return loss_fn(out[:len(x)], y) + weight * self.consistency.loss(out[len(x):], target, mask)
+
+    def _consistency_due(self, fraction: float) -> bool:
+        """Weak-to-strong consistency starts once, at ``consistency_from`` of the budget, when asked
+        for (``unlabeled=consistency``, not ``--no-unlabeled``)."""
+        s = self.config["settings"]
+        return (not self.consistency_started and self.req.unlabeled and s.get("unlabeled") == "consistency"
+                and fraction >= float(s["consistency_from"]))
+
+    def _start_consistency(self, iteration: int) -> None:
+        """Read the worklist scans and add the consistency term from this step on (nothing when empty)."""
+        self.consistency_started = True
+        entries = self.ws.worklist_cases()
+        if not entries:
+            return
+        self.status.update(phase="preparing", message=f"reading {len(entries)} worklist scan(s) for consistency training")
+        images = [imageio.read_image(self.ws.image_path(entry["id"])) for entry in entries]
+        self.consistency = self.recipe.consistency_term(self.config, images, self.device, self.req.seed + iteration,
+                                                        rank=self.place.rank)
+        self.consistency_record = {"scans": [entry["id"] for entry in entries], "slices": len(self.consistency.slices),
+                                   "from_iteration": int(iteration)}
+        if self.main:
+            self.ws.update_version(self.version, consistency=self.consistency_record)
+        self.status.update(phase="training", message=f"training with consistency on {len(entries)} worklist scan(s)")
+
+    def _close_consistency(self) -> None:
+        """Record the mean share of worklist pixels sure enough to teach (the version's ``consistency``)."""
+        if self.consistency is None or not self.main or not self.consistency.confident_shares:
+            return
+        shares = self.consistency.confident_shares
+        self.ws.update_version(self.version, consistency={
+            **self.consistency_record, "steps": len(shares), "sure_share": round(float(np.mean(shares)), 4),
+            "sure_share_last": round(float(np.mean(shares[-50:])), 4)})
+
     def _pseudo_label_due(self, fraction: float) -> bool:
         """Self-training labels the worklist at each of the ``pseudo_label_at`` fractions of the
         budget (once, or again with the model so far), when the worklist has scans."""

@@ -265,7 +265,11 @@ def test_a_bad_dropout_or_averaging_share_is_refused_before_anything_is_written(
     ({"pseudo_label_at": []}, "pseudo_label_at must be a fraction"),
     ({"pseudo_label_at": "0.5"}, "pseudo_label_at must be a fraction"),
     ({"structure_intensity": 0.5}, "structure_intensity must be a factor in \\[1, 4\\] \\(1 = off\\), not 0.5"),
-    ({"structure_intensity": "1.3"}, "structure_intensity must be a factor")])
+    ({"structure_intensity": "1.3"}, "structure_intensity must be a factor"),
+    ({"unlabeled": "mean-teacher"}, "unlabeled must be one of off, self-training, consistency, not 'mean-teacher'"),
+    ({"consistency_threshold": 1.5}, "consistency_threshold must be a probability in \\[0, 1\\], not 1.5"),
+    ({"consistency_from": 1.0}, "consistency_from must be a fraction in \\[0, 1\\)"),
+    ({"consistency_batch": 0}, "consistency_batch must be a whole number >= 1, not 0")])
 def test_a_bad_self_training_or_augmentation_setting_is_refused_before_anything_is_written(tmp_path, setting, message):
     files = _phantom_files(tmp_path, [53], shape=(48, 48, 16))
     ws = Workspace.create(tmp_path / "ws", structure_names={1: "vertebra"})

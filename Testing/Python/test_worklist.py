@@ -173,6 +173,24 @@ def test_a_second_self_training_round_labels_the_worklist_again_and_records_both
     assert set(pseudo["earlier"][0]["confidence"]) == {"w1", "w2"}
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-unlabeled"]])
+def test_consistency_training_reads_the_worklist_at_its_fraction_unless_turned_off(tmp_path, flag):
+    ws, sets = _one_labelled_two_waiting(tmp_path, 0.5)
+    consistency = ["--set", "unlabeled=consistency", "--set", "consistency_from=0.5", "--set", "consistency_batch=3",
+                   "--set", "consistency_threshold=0.0"]
+    done = engine("train", ws.path, "--iterations", 6, "--quiet", *sets, *consistency, *flag)
+    assert done.returncode == 0, done.stderr
+    record = ws.version("v1")
+    assert "pseudo_labels" not in record  # consistency replaces self-training
+    if flag:
+        assert "consistency" not in record
+    else:
+        term = record["consistency"]
+        assert term["scans"] == ["w1", "w2"] and term["from_iteration"] == 3 and term["steps"] == 3
+        assert term["slices"] > 0 and term["sure_share"] == 1.0  # threshold 0: every pixel teaches
+    assert record["cases_seen"] == ["labelled"] and ws.case("w1")["split"] == "worklist"
+
+
 def test_the_most_confident_share_of_the_worklist_joins_self_training():
     from ExtremeAugLogic.training.trainer import confident_scans
 

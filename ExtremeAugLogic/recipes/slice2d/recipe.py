@@ -10,6 +10,7 @@ from ExtremeAugLogic.errors import InputError
 from ExtremeAugLogic.recipes.base import (CaseData, PreparedCase, ProgressCallback, Recipe, RecipeConfig,
                                           pseudo_label_fractions)
 from ExtremeAugLogic.recipes.slice2d import augment, patches, preprocess
+from ExtremeAugLogic.recipes.slice2d.consistency import WeakToStrong
 from ExtremeAugLogic.recipes.slice2d.network import ResUNet2D
 from ExtremeAugLogic.recipes.slice2d.views import VIEW_SETS, averaged_over_views, views_for
 from ExtremeAugLogic.recipes.windows import window_probabilities
@@ -77,7 +78,7 @@ DEFAULTS_2D = {
                                  # (inference.level_range, structure_order.assign_structures). Off: on 3 training
                                  # scans x 14 at 1000 iterations, binary 0.828 -> 0.839, per vertebra 0.745 ->
                                  # 0.731 (the registration slips by a level on some pairs; generalisation-explore)
-    "unlabeled": "self-training",  # the worklist scans: off | self-training (training.trainer, pseudo-labels);
+    "unlabeled": "self-training",  # the worklist scans: off | self-training (training.trainer, pseudo-labels) | consistency;
                                  # at 8 minutes, 5 training scans x 14 with the 14 as worklist: 0.803 / 0.613 ->
                                  # 0.812 / 0.671, better per vertebra on each training scan (generalisation-explore,
                                  # sixth round); no worklist: no change
@@ -105,6 +106,15 @@ DEFAULTS_2D = {
     # -> 0.846 / 0.814, 27 of 70 pairs worse and 13 better, level-shifted pairs 3 -> 3: vb13's shifts are
     # learnt from its own scan (generalisation-explore, twenty-fourth round).
     "pseudo_label_check": "off",
+    # Weak-to-strong consistency (unlabeled=consistency, consistency.WeakToStrong, the FixMatch family) instead
+    # of self-training: from this fraction of the budget each step also takes consistency_batch worklist
+    # slices; the model's sure pixels (top probability >= consistency_threshold) on each slice as it is
+    # teach the same slice under the training's augmentation, the term weighted by consistency_weight.
+    # The four values were set before any measurement (FixMatch's threshold and weight, half the batch).
+    "consistency_from": 0.3,
+    "consistency_threshold": 0.95,
+    "consistency_weight": 1.0,
+    "consistency_batch": 4,
     "context_slices": 0,         # 2.5D input: this many neighbouring slices on each side as extra channels
     "context_step": 1,           # ... this many slices apart
     # Batch 8, not 16: the same patches a second, so twice the steps in the same time. 5 training scans x 14
@@ -136,6 +146,7 @@ DEFAULTS_2D = {
 }
 
 PSEUDO_LABEL_RULES = ("ordered-largest", "as-predicted")
+UNLABELED_MODES = ("off", "self-training", "consistency")
 
 # The paper's own configuration (Gaonkar et al.), for reproduction: 256 px slices, 128 px grid
 # patches with stride 64, +/-50 px shifts, 16 base filters.
@@ -191,6 +202,14 @@ class Recipe2D(Recipe):
         if self.settings["pseudo_label_check"] not in ("off", "registration"):
             raise InputError(f"pseudo_label_check must be 'off' or 'registration', "
                              f"not {self.settings['pseudo_label_check']!r}")
+        if self.settings["unlabeled"] not in UNLABELED_MODES:
+            raise InputError(f"unlabeled must be one of {', '.join(UNLABELED_MODES)}, not {self.settings['unlabeled']!r}")
+        _check_number(self.settings, "consistency_from", 0.0, 1.0, "a fraction in [0, 1)", top_included=False)
+        _check_number(self.settings, "consistency_threshold", 0.0, 1.0, "a probability in [0, 1]")
+        _check_number(self.settings, "consistency_weight", 0.0, 100.0, "a number in [0, 100]")
+        if not isinstance(self.settings["consistency_batch"], int) or isinstance(self.settings["consistency_batch"], bool) \
+                or self.settings["consistency_batch"] < 1:
+            raise InputError(f"consistency_batch must be a whole number >= 1, not {self.settings['consistency_batch']!r}")
         if self.settings["level_range"] not in ("off", "registration"):
             raise InputError(f"level_range must be 'off' or 'registration', not {self.settings['level_range']!r}")
         for key in ("dropout", "average_weights"):
@@ -253,6 +272,15 @@ class Recipe2D(Recipe):
         images = np.concatenate([self.input_channels(s, st.image) for st in stacks])
         labels = np.concatenate([st.label for st in stacks])
         return images, labels, np.concatenate(all_centres)
+
+    def consistency_term(self, config: dict, images: list, device, seed: int, rank: int = 0) -> WeakToStrong:
+        """``WeakToStrong`` on every slice of the unlabeled ``images`` (SimpleITK), as the network sees them."""
+        s = config["settings"]
+        slices = np.concatenate([self.input_channels(s, self.preprocess(config, image).image) for image in images])
+        return WeakToStrong(torch.from_numpy(np.ascontiguousarray(slices)).to(device),
+                            augment.AugmentationRanges.from_settings(s), augment.IntensityRanges.from_settings(s),
+                            s["patch_size"], int(s["consistency_batch"]), float(s["consistency_threshold"]), seed,
+                            s["padding"], rank)
 
     def loss_function(self, config: dict):
         if _out_channels(config) == 1:
