@@ -108,6 +108,8 @@ class Recipe(abc.ABC):
 
     def __init__(self, settings: dict):
         self.settings = {**self.default_settings(), **(settings or {})}
+        if self.settings.get("unlabeled") == "consistency" and type(self).consistency_term is Recipe.consistency_term:
+            raise InputError(f"unlabeled=consistency: the {self.kind} model has no consistency training")
 
     @classmethod
     def default_settings(cls) -> dict:

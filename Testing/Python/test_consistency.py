@@ -78,3 +78,12 @@ def test_patches_smaller_than_the_slice_come_from_inside_it():
     assert weak.shape == (16, 1, 8, 8)
     steps = weak[:, 0, 1:, :] - weak[:, 0, :-1, :]
     assert torch.all(steps == 32)  # exact crops of the slice: no padding, no interpolation
+
+
+def test_a_model_without_consistency_training_refuses_it_before_training():
+    from ExtremeAugLogic.errors import InputError
+    from ExtremeAugLogic.recipes.registry import make_recipe
+
+    with pytest.raises(InputError, match="unlabeled=consistency: the 3d model has no consistency training"):
+        make_recipe("3d", {"unlabeled": "consistency"})
+    make_recipe("2d", {"unlabeled": "consistency"})  # the 2D model has it
