@@ -109,7 +109,11 @@ class Recipe(abc.ABC):
     def __init__(self, settings: dict):
         self.settings = {**self.default_settings(), **(settings or {})}
         if self.settings.get("unlabeled") == "consistency" and type(self).consistency_term is Recipe.consistency_term:
-            raise InputError(f"unlabeled=consistency: the {self.kind} model has no consistency training")
+            raise self._no_consistency()
+
+    def _no_consistency(self) -> InputError:
+        """The one-line refusal of ``unlabeled=consistency`` by a family without it."""
+        return InputError(f"unlabeled=consistency: the {self.kind} model has no consistency training")
 
     @classmethod
     def default_settings(cls) -> dict:
@@ -141,7 +145,7 @@ class Recipe(abc.ABC):
     def consistency_term(self, config: RecipeConfig, images: list, device, seed: int, rank: int = 0):
         """The weak-to-strong consistency term on unlabeled ``images`` (``unlabeled=consistency``):
         an object with ``views(teacher)`` and ``loss(out, target, mask)``; families without one refuse."""
-        raise InputError(f"unlabeled=consistency: the {self.kind} model has no consistency training")
+        raise self._no_consistency()
 
     @abc.abstractmethod
     def loss_function(self, config: RecipeConfig) -> Callable:

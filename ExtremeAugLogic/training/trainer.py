@@ -206,7 +206,8 @@ class _Trainer:
                                            rank=self.place.rank)
         self.sampler, self.train_cases, self.pseudo_rounds = sampler, train_cases, []  # records of the rounds so far
         self.pseudo_fractions = pseudo_label_fractions(config["settings"])  # read once, not at every step
-        self.consistency, self.consistency_started = None, False  # unlabeled=consistency: the term, once due
+        # unlabeled=consistency: the term once due, whether it was due, and the version's record of it
+        self.consistency, self.consistency_started, self.consistency_record = None, False, {}
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.averaged = None  # the running mean of the weights over the last average_share of the budget
         self.average_share = float(config["settings"].get("average_weights", 0.0) or 0.0)  # checked by the recipe

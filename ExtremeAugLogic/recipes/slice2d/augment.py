@@ -128,6 +128,11 @@ def bend_grid(grid: torch.Tensor, max_px: float, size: int, generator: torch.Gen
     return grid + field.permute(0, 2, 3, 1) * (2.0 / size)
 
 
+def image_padding_mode(padding: str) -> str:
+    """``grid_sample``'s padding mode for images under ``padding`` (see ``sample_patches``)."""
+    return "reflection" if padding == "reflection-background" else padding
+
+
 def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids: torch.Tensor,
                    grid: torch.Tensor, padding: str = "reflection"):
     """Sample image (bilinear) and label (nearest) patches from (S, 1, H, W) slice stacks.
@@ -137,7 +142,7 @@ def sample_patches(images: torch.Tensor, labels: torch.Tensor | None, slice_ids:
     structure-like anatomy beyond the labelled ones (a whole vertebra above L1) that is not to
     be segmented.
     """
-    image_padding = "reflection" if padding == "reflection-background" else padding
+    image_padding = image_padding_mode(padding)
     label_padding = "zeros" if padding == "reflection-background" else padding
     x = F.grid_sample(images[slice_ids], grid, mode="bilinear", padding_mode=image_padding,
                       align_corners=False)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from ExtremeAugLogic.recipes.base import stream_seed
 from ExtremeAugLogic.recipes.slice2d.augment import (AugmentationRanges, IntensityRanges, augment_intensity,
-                                                     bend_grid, sample_patches, sampling_grid, transform_parameters)
+                                                     bend_grid, image_padding_mode, sample_patches, sampling_grid,
+                                                     transform_parameters)
+
 
 class WeakToStrong:
     """The consistency term on (S, C, H, W) worklist slices held on the training device."""
@@ -26,7 +28,7 @@ class WeakToStrong:
                  rank: int = 0):
         self.slices, self.ranges, self.intensity = slices, ranges, intensity
         self.patch, self.batch_size, self.threshold = int(patch), int(batch_size), float(threshold)
-        self.padding = "reflection" if padding == "reflection-background" else padding
+        self.padding = image_padding_mode(padding)  # the images' padding: the labels come from the weak view
         self.generator = torch.Generator(device=slices.device)
         self.generator.manual_seed(stream_seed(seed + 7919, rank))  # its own stream: the labelled draws stay as they were
         self.confident_shares: list[float] = []  # per step: the share of weak-view pixels sure enough to teach
